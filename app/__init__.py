@@ -1,0 +1,1 @@
+"""Process level of Stanch: settings, topics, the Faust app, CLI, broker, sidecar."""

@@ -1,0 +1,168 @@
+"""``stanch``: the one command line entry point (DESIGN.md, "Command line").
+
+Each command reads the validated settings once; a bad setting stops it with a message
+naming the variable. Heavy modules are imported inside the commands so ``stanch --help``
+stays fast and one broken optional piece cannot take the others down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from app.settings import Settings, SettingsError, load_settings
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        click.echo(f"stanch: {exc}", err=True)
+        sys.exit(2)
+
+
+def _not_built(what: str) -> NoReturn:
+    click.echo(f"stanch: '{what}' is not built yet in this version.", err=True)
+    sys.exit(3)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """Stanch: catch production incidents in seconds and contain them automatically."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+@cli.command()
+@click.option("--port", type=int, default=None, help="Port (default STANCH_BROKER_PORT, 9092).")
+def broker(port: int | None) -> None:
+    """Start the embedded Kafka-compatible broker (Tansu, memory storage)."""
+    from app.broker import BrokerError, EmbeddedBroker
+
+    settings = _settings(broker_port=port)
+    embedded = EmbeddedBroker(port=settings.broker_port)
+    try:
+        embedded.start()
+    except BrokerError as exc:
+        click.echo(f"stanch broker: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"embedded broker listening on {embedded.bootstrap} (Ctrl-C to stop)")
+
+    def _stop(*_: object) -> None:
+        embedded.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    code = embedded.wait()
+    click.echo(f"embedded broker exited with code {code}", err=True)
+    sys.exit(1 if code else 0)
+
+
+@cli.command()
+@click.option("--loglevel", default="info", show_default=True)
+def worker(loglevel: str) -> None:
+    """The Faust worker running all agents."""
+    from app.worker import run_worker
+
+    run_worker(_settings(), loglevel=loglevel)
+
+
+@cli.command()
+def sidecar() -> None:
+    """The enforcement sidecar (reverse proxy + telemetry + command enforcement)."""
+    _not_built("sidecar")
+
+
+@cli.command()
+@click.option("--scenario", default="clean", show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--duration", type=float, default=300.0, show_default=True,
+              help="Simulated seconds to run.")
+@click.option("--speed", type=float, default=1.0, show_default=True,
+              help="Simulated seconds per wall second (0 = as fast as possible).")
+def simulate(scenario: str, seed: int, duration: float, speed: float) -> None:
+    """A fleet of simulated services with labelled, injected incidents."""
+    _not_built("simulate")
+
+
+@cli.command()
+@click.option("--scenario", default="bad-deploy", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def demo(scenario: str, as_json: bool) -> None:
+    """Broker + worker + simulated fleet, one scenario end to end, with a report."""
+    _not_built("demo")
+
+
+@cli.command()
+def replay() -> None:
+    """Re-publish or re-detect a time range of a topic."""
+    _not_built("replay")
+
+
+@cli.command()
+@click.option("--input", "input_dir", type=click.Path(exists=True, file_okay=False,
+              path_type=Path), required=True)
+@click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True)
+def backtest(input_dir: Path, output_dir: Path) -> None:
+    """Run the detectors offline over CSV files (timestamp,value)."""
+    _not_built("backtest")
+
+
+@cli.group()
+def incidents() -> None:
+    """List incidents; `show ID` prints the timeline and writes a plot."""
+
+
+@incidents.command("list")
+def incidents_list() -> None:
+    """List incidents."""
+    _not_built("incidents list")
+
+
+@cli.command()
+@click.argument("target")
+def approve(target: str) -> None:
+    """Approve a pending command or incident (approval mode)."""
+    _not_built("approve")
+
+
+@cli.command()
+def pause() -> None:
+    """Kill switch: stop issuing commands."""
+    _not_built("pause")
+
+
+@cli.command()
+def resume() -> None:
+    """Undo `stanch pause`."""
+    _not_built("resume")
+
+
+@cli.group()
+def bench() -> None:
+    """The benchmarks; `--json` prints machine-readable figures."""
+
+
+@cli.group()
+def keys() -> None:
+    """Signing keys for enforcement commands."""
+
+
+def main() -> None:
+    cli(prog_name="stanch")
+
+
+if __name__ == "__main__":
+    main()

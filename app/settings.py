@@ -1,0 +1,200 @@
+"""One typed, validated settings object for every Stanch process.
+
+Everything configurable comes from ``STANCH_*`` environment variables and is read once at
+start-up (Karapace's pattern): a bad value stops the process with a message that names
+the variable and what is wrong, instead of failing minutes later inside a consumer.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Logical topic names (DESIGN.md); the full name is ``topic_prefix + name``.
+TOPIC_NAMES: tuple[str, ...] = (
+    "requests",
+    "errors",
+    "changes",
+    "windows",
+    "anomalies",
+    "incidents",
+    "commands",
+    "acks",
+    "control",
+    "deadletter",
+    "labels",
+)
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{0,100}$")
+_HOSTPORT_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+
+
+class SettingsError(Exception):
+    """A setting is missing or wrong; the message names the variable and the problem."""
+
+
+class Settings(BaseSettings):
+    """Process settings. Construct directly in tests; use :func:`load_settings` in processes."""
+
+    model_config = SettingsConfigDict(env_prefix="STANCH_", extra="ignore", frozen=True)
+
+    # --- Kafka connection -------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="Comma-separated host:port list. Unset = the embedded broker on "
+        "127.0.0.1:<broker_port>.",
+    )
+    broker_port: int = Field(default=9092, ge=1, le=65535)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    # --- Topics -------------------------------------------------------------------------
+    topic_prefix: str = "stanch."
+    partitions: int = Field(default=4, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1, le=10)
+    retention_hours: float = Field(default=72.0, gt=0, le=24 * 365)
+
+    # --- Worker / Faust -----------------------------------------------------------------
+    app_id: str = Field(default="stanch", min_length=1, max_length=200)
+    data_dir: Path = Path(".stanch-data")
+    web_port: int = Field(default=6066, ge=1, le=65535)
+    session_timeout_s: float = Field(
+        default=10.0,
+        gt=1,
+        le=300,
+        description="Consumer group session timeout. The first join waits about half of it "
+        "on the embedded broker; Faust's default of 60 s means a 30 s start.",
+    )
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
+    fetch_max_wait_ms: int = Field(
+        default=100,
+        ge=1,
+        le=30_000,
+        description="Longest a fetch waits for data. Faust hard-codes 1500 ms; the embedded "
+        "broker answers a waiting fetch only when the wait ends, so every hop would cost "
+        "1.5 s.",
+    )
+    commit_interval_s: float = Field(default=1.0, gt=0, le=60)
+
+    # --- Detection ---------------------------------------------------------------------
+    window_s: float = Field(default=1.0, gt=0, le=3600)
+    grace_s: float = Field(default=2.0, ge=0, le=3600)
+    max_clock_skew_s: float = Field(default=300.0, gt=0, le=86_400)
+    series_ttl_s: float = Field(default=3600.0, gt=0, le=30 * 86_400)
+
+    # --- Mitigation / signing ----------------------------------------------------------
+    policy_file: Path | None = None
+    signing_key_file: Path | None = None
+    signing_kid: str | None = Field(default=None, max_length=64)
+    trusted_keys_dir: Path | None = None
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        for part in parts:
+            if not _HOSTPORT_RE.match(part):
+                raise ValueError(f"{part!r} is not host:port")
+            port = int(part.rsplit(":", 1)[1])
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} in {part!r} is out of range 1..65535")
+        return ",".join(parts)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _PREFIX_RE.match(value):
+            raise ValueError("only letters, digits, '.', '_' and '-' (at most 100) are allowed")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.security_protocol.startswith("SASL"):
+            if not self.sasl_mechanism:
+                raise ValueError("STANCH_SASL_MECHANISM is required with a SASL protocol")
+            if not (self.sasl_username and self.sasl_password):
+                raise ValueError(
+                    "STANCH_SASL_USERNAME and STANCH_SASL_PASSWORD are required with SASL"
+                )
+        if self.heartbeat_interval_s * 3 > self.session_timeout_s:
+            raise ValueError(
+                "STANCH_HEARTBEAT_INTERVAL_S must be at most a third of STANCH_SESSION_TIMEOUT_S"
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "policy_file",
+                     "signing_key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"STANCH_{name.upper()}: file {str(path)!r} does not exist")
+        if self.trusted_keys_dir is not None and not Path(self.trusted_keys_dir).is_dir():
+            raise ValueError(
+                f"STANCH_TRUSTED_KEYS_DIR: directory {str(self.trusted_keys_dir)!r} does not exist"
+            )
+        return self
+
+    # --- Derived values ----------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        """True when no bootstrap server is configured: the embedded broker is used."""
+        return self.kafka_bootstrap is None
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.broker_port}"
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical name of DESIGN.md (``requests`` -> ``stanch.requests``)."""
+        if name not in TOPIC_NAMES:
+            raise KeyError(f"unknown topic {name!r}; known: {', '.join(TOPIC_NAMES)}")
+        return f"{self.topic_prefix}{name}"
+
+    def aiokafka_kwargs(self) -> dict[str, Any]:
+        """Connection keyword arguments for AIOKafkaProducer / AIOKafkaConsumer / admin."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            kwargs.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            )
+        return kwargs
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        name = f"STANCH_{loc.upper()}" if loc else "settings"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) or loc == "" else f" (got {value!r})"
+        lines.append(f"{name}{shown}: {item['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment; raise :class:`SettingsError` with a clear message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
