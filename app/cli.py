@@ -104,10 +104,47 @@ def demo(scenario: str, as_json: bool) -> None:
     _not_built("demo")
 
 
+def _parse_time(value: str | None) -> int | None:
+    """Epoch seconds or ISO 8601 (UTC when no zone is given) -> epoch milliseconds."""
+    if value is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        return int(float(value) * 1000)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither epoch seconds nor ISO 8601") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
 @cli.command()
-def replay() -> None:
-    """Re-publish or re-detect a time range of a topic."""
-    _not_built("replay")
+@click.option("--topic", "name", required=True,
+              type=click.Choice(["requests", "errors", "changes", "windows", "anomalies",
+                                 "incidents", "commands", "acks", "control", "deadletter",
+                                 "labels"]),
+              help="Logical topic name (the prefix comes from STANCH_TOPIC_PREFIX).")
+@click.option("--from", "start", default=None, help="Start (epoch seconds or ISO 8601).")
+@click.option("--to", "end", default=None, help="End, exclusive (epoch seconds or ISO 8601).")
+@click.option("--to-prefix", default=None,
+              help="Re-publish the range to the same topic under this prefix.")
+def replay(name: str, start: str | None, end: str | None, to_prefix: str | None) -> None:
+    """Re-publish a time range of a topic, or print it as JSON lines."""
+    from app.replay import ReplayRange, collect, run_replay
+
+    settings = _settings()
+    window = ReplayRange(_parse_time(start), _parse_time(end))
+    if to_prefix is not None:
+        sent = run_replay(settings, name, window, to_prefix)
+        click.echo(f"re-published {sent} records to {to_prefix}{name}", err=True)
+        return
+    for value in asyncio.run(collect(settings, name, window)):
+        click.echo(value.decode("utf-8", errors="replace"))
 
 
 @cli.command()
