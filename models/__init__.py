@@ -1,0 +1,1 @@
+"""Stanch models."""
