@@ -153,8 +153,19 @@ def replay(name: str, start: str | None, end: str | None, to_prefix: str | None)
 @click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True)
 def backtest(input_dir: Path, output_dir: Path) -> None:
-    """Run the detectors offline over CSV files (timestamp,value)."""
-    _not_built("backtest")
+    """Run the detectors offline over CSV files (timestamp,value).
+
+    Writes, at the same relative path under OUTPUT, timestamp,value,anomaly_score,label
+    where label is 1 on the rows where the live pipeline would emit an anomaly.
+    """
+    import json
+
+    from app.backtest import run_backtest
+
+    summary = run_backtest(input_dir, output_dir)
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "per_file"}, indent=2))
+    if summary.get("errors"):
+        sys.exit(1)
 
 
 @cli.group()
