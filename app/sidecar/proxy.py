@@ -1,0 +1,208 @@
+"""The sidecar's HTTP data path: ingress reverse proxy and egress forward proxy.
+
+Why aiohttp's low-level server for ingress: the router, middlewares and access log of a
+full ``web.Application`` cost time on every request and bring nothing to a catch-all
+proxy. One ``ClientSession`` with a keep-alive pool is reused for the upstream and every
+dependency. Per request the proxy does: route template lookup (cached), an O(1)
+enforcement decision, the forward, and one telemetry ``record()`` (a deque append).
+
+Egress: a service calls its dependency NAME through
+``http://<admin-host>:<admin-port>/_egress/NAME/<path>`` (path prefix on the sidecar's
+local admin listener, so one port serves every dependency); an isolated dependency
+fails fast with 503 and ``X-Stanch-Isolated: NAME``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from app.sidecar.telemetry import TelemetryPublisher
+from models.enforcement import Decision, EnforcementTable, RouteMatcher
+
+EGRESS_PREFIX = "/_egress/"
+
+# RFC 9110 section 7.6.1 hop-by-hop headers, plus the ones aiohttp recomputes.
+_HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    )
+)
+
+
+def _forward_headers(headers: Any) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP_BY_HOP)
+
+
+class ProxyCounters:
+    """Plain integers read by the metrics collector at scrape time (no hot-path cost)."""
+
+    __slots__ = (
+        "egress_isolated", "egress_passed", "ingress_passed", "ingress_shed",
+        "ingress_throttled", "upstream_errors",
+    )
+
+    def __init__(self) -> None:
+        self.ingress_passed = 0
+        self.ingress_throttled = 0
+        self.ingress_shed = 0
+        self.egress_passed = 0
+        self.egress_isolated = 0
+        self.upstream_errors = 0
+
+
+class Proxy:
+    """Ingress and egress handlers sharing one enforcement table and one publisher."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        upstream: str,
+        dependencies: dict[str, str],
+        table: EnforcementTable,
+        telemetry: TelemetryPublisher,
+        route_templates: list[str],
+        instance: str,
+        version: str = "",
+        region: str = "",
+        upstream_timeout_s: float = 30.0,
+    ) -> None:
+        self.service = service
+        self.upstream = upstream.rstrip("/")
+        self.dependencies = {name: url.rstrip("/") for name, url in dependencies.items()}
+        self.table = table
+        self.telemetry = telemetry
+        self.ingress_routes = RouteMatcher(route_templates)
+        self.egress_routes = RouteMatcher(route_templates)
+        self.counters = ProxyCounters()
+        self.upstream_timeout_s = upstream_timeout_s
+        self._base_event: dict[str, Any] = {"service": service, "instance": instance}
+        if version:
+            self._base_event["version"] = version
+        if region:
+            self._base_event["region"] = region
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # pass bodies through byte for byte
+            timeout=aiohttp.ClientTimeout(total=self.upstream_timeout_s),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ------------------------------------------------------------------ handlers
+    async def ingress(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        now = time.time()
+        route = self.ingress_routes.match(request.path)
+        decision = self.table.decide_ingress(route, now)
+        error: str | None
+        if decision.status:
+            response, error = self._refuse(decision), decision.reason
+            if decision.status == 429:
+                self.counters.ingress_throttled += 1
+            else:
+                self.counters.ingress_shed += 1
+        else:
+            response, error = await self._forward(request, self.upstream + request.raw_path)
+            self.counters.ingress_passed += 1
+        self._record(now, route, request.method, response.status, error, started, None)
+        return response
+
+    async def egress(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        now = time.time()
+        raw = request.raw_path
+        name, _, rest = raw[len(EGRESS_PREFIX):].partition("/")
+        base = self.dependencies.get(name)
+        if base is None:
+            return web.Response(status=404, text=f"unknown dependency {name!r}\n")
+        rest = "/" + rest
+        path = rest.split("?", 1)[0]
+        route = self.egress_routes.match(path)
+        decision = self.table.decide_egress(name, now)
+        error: str | None
+        if decision.status:
+            response, error = self._refuse(decision), decision.reason
+            self.counters.egress_isolated += 1
+        else:
+            response, error = await self._forward(request, base + rest)
+            self.counters.egress_passed += 1
+        self._record(now, route, request.method, response.status, error, started, name)
+        return response
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _refuse(decision: Decision) -> web.Response:
+        headers: dict[str, str] = {"X-Stanch-Enforcement": decision.reason}
+        if decision.retry_after_s:
+            headers["Retry-After"] = str(decision.retry_after_s)
+        if decision.isolated:
+            headers["X-Stanch-Isolated"] = decision.isolated
+        return web.Response(status=decision.status, text=decision.reason + "\n", headers=headers)
+
+    async def _forward(
+        self, request: web.BaseRequest, url: str
+    ) -> tuple[web.Response, str | None]:
+        """Forward one request; the second value is the error text for telemetry."""
+        session = self._session
+        assert session is not None, "Proxy.start() was not awaited"
+        body = await request.read() if request.body_exists else None
+        try:
+            async with session.request(
+                request.method,
+                url,
+                headers=_forward_headers(request.headers),
+                data=body,
+                allow_redirects=False,
+            ) as resp:
+                payload = await resp.read()
+                response = web.Response(
+                    status=resp.status, body=payload, headers=_forward_headers(resp.headers)
+                )
+                return response, None
+        except TimeoutError:
+            self.counters.upstream_errors += 1
+            return web.Response(status=504, text="upstream timed out\n"), "upstream timeout"
+        except aiohttp.ClientError as exc:
+            self.counters.upstream_errors += 1
+            error = f"upstream unreachable: {type(exc).__name__}"
+            return web.Response(status=502, text=f"{error}\n"), error
+
+    def _record(
+        self,
+        now: float,
+        route: str,
+        method: str,
+        status: int,
+        error: str | None,
+        started: float,
+        dependency: str | None,
+    ) -> None:
+        event = dict(self._base_event)
+        event["ts"] = now
+        event["route"] = route
+        event["method"] = method
+        event["status"] = status
+        event["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
+        if dependency is not None:
+            event["dependency"] = dependency
+        if error:
+            event["error"] = error
+        self.telemetry.record(event)
