@@ -13,8 +13,10 @@ Rules shared by every field (the JSON Schema says the same):
 * ``integer`` accepts integers and integral floats (``200.0``, as JSON Schema does), never
   ``bool``, and comes back as ``int``. Every integer field has explicit bounds.
 * ``string`` lengths count code points (as JSON Schema's ``maxLength`` does); patterns are
-  anchored ``^...$`` and use only syntax that means the same in Python ``re`` and
-  ECMA-262 (character classes with ``\\uXXXX`` escapes, groups, alternation, ``{m,n}``).
+  anchored ``^...$``, use only syntax that means the same in Python ``re`` and ECMA-262
+  (character classes with ``\\uXXXX`` escapes, groups, alternation, ``{m,n}``) and never
+  match a line feed (Python's ``$`` also matches before a final ``"\\n"``; the JSON
+  Schema forbids ``"\\n"`` explicitly so that every engine gives the same verdict).
 * An optional field may be absent or ``null``; both mean "not given".
 * Objects reject unknown keys (``additionalProperties: false``).
 * Free-form objects (evidence, params, details) must hold plain JSON values only (finite

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from schemas.fields import FREE_MAX_DEPTH, Field
+from schemas.fields import (
+    FREE_MAX_DEPTH,
+    LINE_CLASS,
+    LINE_PATTERN,
+    TOKEN_CLASS,
+    TOKEN_PATTERN,
+    Field,
+)
 from schemas.records import RECORD_CLASSES, Record
 
 __all__ = [
@@ -46,6 +51,34 @@ def _num(b: float) -> int | float:
     return int(b) if float(b).is_integer() else float(b)
 
 
+def _forbidden(char_class: str) -> str:
+    """``[^abc]`` (the allowed characters) -> ``[abc]`` (the forbidden ones)."""
+    assert char_class.startswith("[^") and char_class.endswith("]"), char_class
+    return "[" + char_class[2:]
+
+
+# ``^[^...]*$`` patterns, stated as "contains none of these characters": unanchored, so
+# every regex engine gives the same verdict.
+_NONE_OF = {LINE_PATTERN: _forbidden(LINE_CLASS), TOKEN_PATTERN: _forbidden(TOKEN_CLASS)}
+
+
+def _pattern_schema(pattern: str) -> dict[str, Any]:
+    """JSON Schema keywords for an anchored ``^...$`` pattern, portable across engines.
+
+    ECMA-262 ``$`` matches only at the end of the input, but Python's ``re`` (used by the
+    ``jsonschema`` package, among others) also matches it before a final ``"\\n"``, so
+    ``^X$`` would accept ``"x\\n"`` there. Character-class patterns are stated as
+    "contains none of": ``not: {pattern: "[forbidden]"}``; any other pattern (which, by
+    the rule in ``schemas/fields.py``, never matches a line feed) keeps its anchors and
+    gains ``not: {pattern: "\\n"}``, which makes ``$`` mean end of input everywhere. The
+    ``not`` holds ``type: string`` so that it does not reject ``null`` or other types.
+    """
+    forbidden = _NONE_OF.get(pattern)
+    if forbidden is not None:
+        return {"not": {"type": "string", "pattern": forbidden}}
+    return {"pattern": pattern, "not": {"type": "string", "pattern": "\\n"}}
+
+
 def field_schema(f: Field) -> dict[str, Any]:
     """The JSON Schema of one field (or item, or map value)."""
     s: dict[str, Any] = {}
@@ -60,7 +93,7 @@ def field_schema(f: Field) -> dict[str, Any]:
         if f.max_length is not None:
             s["maxLength"] = f.max_length
         if f.pattern is not None:
-            s["pattern"] = f.pattern
+            s.update(_pattern_schema(f.pattern))
     elif f.type in ("number", "integer"):
         for key, b in (
             ("minimum", f.minimum),
@@ -173,125 +206,19 @@ def load(name: str, directory: Path = JSON_DIR) -> dict[str, Any]:
     return json.loads((directory / f"{name}.schema.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
 
 
-# ----------------------------------------------------------------- a minimal validator
-# Enough of draft 2020-12 to check instances against the files above without a
-# third-party package: exactly the keywords the generator emits. It reads only the JSON
-# documents, never the Field specs, so it is an independent check of what other languages
-# will see. An unknown keyword is an error, so that the generator cannot outgrow it.
-
-_ANNOTATIONS = frozenset({"$schema", "$id", "$comment", "title", "description"})
-_KEYWORDS = _ANNOTATIONS | {
-    "type", "enum", "const", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-    "minLength", "maxLength", "pattern", "items", "maxItems", "properties", "required",
-    "additionalProperties", "propertyNames", "maxProperties", "allOf", "if", "then", "else",
-}  # fmt: skip
+# ------------------------------------------------------------------------ validating
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+def iter_errors(schema: dict[str, Any], instance: Any) -> Iterator[str]:
+    """Every way ``instance`` breaks ``schema``, as ``"path: message"`` strings.
 
+    For tests and tools: a thin wrapper over the ``jsonschema`` package (a test extra, not
+    a runtime dependency, hence imported here) with its draft 2020-12 validator.
+    """
+    from jsonschema import Draft202012Validator
 
-def _json_type_ok(v: Any, t: str) -> bool:
-    if t == "null":
-        return v is None
-    if t == "boolean":
-        return isinstance(v, bool)
-    if t == "string":
-        return isinstance(v, str)
-    if t == "number":
-        return _is_number(v)
-    if t == "integer":
-        return (
-            isinstance(v, int)
-            and not isinstance(v, bool)
-            or (isinstance(v, float) and math.isfinite(v) and v.is_integer())
-        )
-    if t == "object":
-        return isinstance(v, dict)
-    if t == "array":
-        return isinstance(v, list)
-    raise ValueError(f"unknown JSON type {t!r}")
-
-
-def _json_equal(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if _is_number(a) and _is_number(b):
-        return bool(a == b)
-    return type(a) is type(b) and a == b
-
-
-def _ecma_search(pattern: str, s: str) -> bool:
-    # ECMA-262 "$" matches only at the very end; Python's "$" also before a final "\n".
-    if pattern.endswith("$") and not pattern.endswith("\\$"):
-        pattern = pattern[:-1] + "\\Z"
-    return re.search(pattern, s) is not None
-
-
-def iter_errors(schema: dict[str, Any], instance: Any, path: str = "") -> Iterator[str]:
-    """Every way ``instance`` breaks ``schema``, as ``"path: message"`` strings."""
-    unknown = set(schema) - _KEYWORDS
-    if unknown:
-        raise ValueError(f"{path or '<root>'}: keywords not supported: {sorted(unknown)}")
-    where = path or "<root>"
-    if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_json_type_ok(instance, t) for t in types):
-            yield f"{where}: {instance!r:.60} is not of type {types}"
-            return
-    if "enum" in schema and not any(_json_equal(instance, e) for e in schema["enum"]):
-        yield f"{where}: {instance!r:.60} is not one of {schema['enum']}"
-    if "const" in schema and not _json_equal(instance, schema["const"]):
-        yield f"{where}: {instance!r:.60} is not {schema['const']!r}"
-    if _is_number(instance):
-        if "minimum" in schema and not instance >= schema["minimum"]:
-            yield f"{where}: {instance!r} < minimum {schema['minimum']}"
-        if "maximum" in schema and not instance <= schema["maximum"]:
-            yield f"{where}: {instance!r} > maximum {schema['maximum']}"
-        if "exclusiveMinimum" in schema and not instance > schema["exclusiveMinimum"]:
-            yield f"{where}: {instance!r} <= exclusiveMinimum {schema['exclusiveMinimum']}"
-        if "exclusiveMaximum" in schema and not instance < schema["exclusiveMaximum"]:
-            yield f"{where}: {instance!r} >= exclusiveMaximum {schema['exclusiveMaximum']}"
-    if isinstance(instance, str):
-        if "minLength" in schema and len(instance) < schema["minLength"]:
-            yield f"{where}: shorter than {schema['minLength']}"
-        if "maxLength" in schema and len(instance) > schema["maxLength"]:
-            yield f"{where}: longer than {schema['maxLength']}"
-        if "pattern" in schema and not _ecma_search(schema["pattern"], instance):
-            yield f"{where}: {instance!r:.60} does not match {schema['pattern']!r}"
-    if isinstance(instance, list):
-        if "maxItems" in schema and len(instance) > schema["maxItems"]:
-            yield f"{where}: more than {schema['maxItems']} items"
-        if "items" in schema:
-            for i, x in enumerate(instance):
-                yield from iter_errors(schema["items"], x, f"{path}[{i}]")
-    if isinstance(instance, dict):
-        props = schema.get("properties", {})
-        for name in schema.get("required", []):
-            if name not in instance:
-                yield f"{where}: missing required property {name!r}"
-        if "maxProperties" in schema and len(instance) > schema["maxProperties"]:
-            yield f"{where}: more than {schema['maxProperties']} properties"
-        for k, x in instance.items():
-            sub = f"{path}.{k}" if path else str(k)
-            if "propertyNames" in schema:
-                for e in iter_errors(schema["propertyNames"], k, sub):
-                    yield f"{e} (property name)"
-            if k in props:
-                yield from iter_errors(props[k], x, sub)
-            elif "additionalProperties" in schema:
-                extra = schema["additionalProperties"]
-                if extra is False:
-                    yield f"{sub}: additional property not allowed"
-                elif isinstance(extra, dict):
-                    yield from iter_errors(extra, x, sub)
-    for sub_schema in schema.get("allOf", []):
-        yield from iter_errors(sub_schema, instance, path)
-    if "if" in schema:
-        holds = not any(True for _ in iter_errors(schema["if"], instance, path))
-        branch = schema.get("then") if holds else schema.get("else")
-        if branch is not None:
-            yield from iter_errors(branch, instance, path)
+    for e in Draft202012Validator(schema).iter_errors(instance):
+        yield f"{e.json_path}: {e.message}"
 
 
 def main(argv: list[str] | None = None) -> int:
