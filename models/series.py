@@ -60,12 +60,12 @@ class DetectorConfig:
     debounce_k: int = 2
     debounce_n: int = 3
     relearn_after: int = 900
-    metric_threshold: float = 2.15
+    metric_threshold: float = 2.3
     metric_warmup_windows: int = 150
     metric_debounce_k: int = 1
     metric_debounce_n: int = 1
-    metric_refractory: int = 150
-    metric_learn_weight_anomalous: float = 0.5
+    metric_refractory: int = 100
+    metric_learn_weight_anomalous: float = 0.25
     metric_z_min: float = 5.0
     max_metrics: int = 4
 

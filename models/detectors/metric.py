@@ -1,21 +1,49 @@
 """Generic univariate detector for a gauge carried in a window summary (metric:NAME).
 
 Gauges (cpu, queue depth, request rates of other systems: what the Numenta Anomaly
-Benchmark exercises) are not Gaussian: many are spiky, and a fixed z threshold on them
-fires on every routine spike. So this detector *calibrates its own z-scores*:
+Benchmark exercises) are not Gaussian: many are spiky, many follow the time of day, and a
+fixed z threshold on them fires on every routine spike. So this detector looks at the gauge
+through two simple predictors, *calibrates* their z on the series' own history, and adds a
+second path for sustained moderate deviations:
 
-1. z = |x - mean| / sd against an exponentially weighted mean/variance (River's
-   EWMean/EWVar recurrence, fading factor ``alpha``).
-2. A small histogram of the z-scores seen so far (fixed edges, exponentially forgotten
-   with ``decay`` so it holds ~1/(1-decay) windows) gives the empirical probability of a
-   z at least this large: p = (tail count + prior) / (total + prior). The surprise is
-   -log10 p, but only when z >= ``z_min`` (smaller deviations are never anomalies).
+1. **level**: z = (x - mean) / sd against an exponentially weighted mean/variance (River's
+   EWMean/EWVar recurrence, fading factor ``alpha``): spikes and level shifts.
+2. **time of day**: x against an EW level of its time-of-day bucket (``season_buckets``
+   buckets per day from ``window_start``, each learned at ``alpha_season`` per visit). The
+   residual is the distance to the nearest of the bucket's and its two neighbours' levels
+   (a daily edge a little early or late is not an anomaly), scaled by the EW spread of
+   that distance (``alpha_resid``) and weighted by ``season_weight``: a daily pattern that
+   does not happen (a missing peak, a peak too high, a flat day). It only speaks once every
+   bucket has been visited (a full day of data).
 
-A value far outside what this series usually does is then surprising, while a series
-whose spikes are routine learns that they are. Because the histogram remembers at most
-~1/(1-decay) windows, the largest possible surprise is about log10 of that (3 for the
-default), which is why the metric threshold is on a different scale from the request
-signals' (see DetectorConfig). State: 4 + 19 floats.
+**Tail path.** z = the larger of the two. A small histogram of past z (fixed edges,
+exponentially forgotten with ``decay`` so it holds ~1/(1-decay) windows) gives the empirical
+probability of a z at least this large, p = (tail + prior) / (total + prior); the surprise
+is -log10 p when z >= ``z_min`` (smaller single deviations are never anomalies). A value far
+outside what this series usually does is then surprising, while a series whose spikes are
+routine learns that they are. The histogram remembers ~1/(1-decay) windows, so this
+surprise is at most ~log10 of that (3.3 by default): the gauge threshold has its own scale.
+
+**Likelihood path** (Numenta's anomaly likelihood, Ahmad et al. 2017, "Unsupervised
+real-time anomaly detection for streaming data", on our z instead of HTM's raw score): a
+short EW average of the capped z (min(z, ``z_cap``) / ``z_cap``, fading ``alpha_short``,
+about 5 windows) against the long-run EW mean/sd of that average (fading ``alpha_long``,
+about 2,000 windows; the sd floored at 0.01), Gaussian tail. It catches a level change of 3
+to 5 sd that no single window shows (the tail path needs z >= 5). It speaks only when the
+short average is at least ``short_min`` (a mean z of 2.5: clean Gaussian noise never gets
+there), and its surprise is scaled by ``likelihood_weight`` onto the tail path's scale
+(0.66 x 3.5 = the default gauge threshold 2.3). The long-run mean/var start at 0, a calm
+prior: until some 2,000 windows have been seen, a sustained deviation is judged against
+"this gauge is quiet" rather than against a few hundred windows of its own history.
+The assessment's score is the larger of the two surprises.
+
+The rates, weights and thresholds were chosen on the NAB development split
+(docs/detection.md lists what was tuned and what each part is worth there).
+
+State (to_state): n, mean, var, residual var, the bit mask of visited buckets, the short
+average, the long-run mean/var, ``season_buckets`` levels and the histogram counts of
+z >= 5 (the count below 5 is the total minus these; the total is a function of n): 34
+numbers by default, 339 pickled bytes.
 """
 
 from __future__ import annotations
@@ -25,16 +53,25 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from models.detectors.base import NOTHING, Assessment, Detector, as_float, ew_update
+from models.detectors.base import (
+    NOTHING,
+    Assessment,
+    Detector,
+    as_float,
+    ew_update,
+    normal_surprise,
+)
 
-#: Lower edges of the z-score histogram bins (the last bin is open-ended).
-Z_EDGES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0,
-                              8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 50.0)
-_STATE_LEN = 4 + len(Z_EDGES)
+#: Lower edges of the stored z-histogram bins (the last bin is open-ended). Only z >= 5 is
+#: stored: scores start at z_min (5 by default); smaller z only count towards the total
+#: (with a smaller z_min the tail below 5 is interpolated linearly over [0, 5)).
+Z_EDGES: tuple[float, ...] = (5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 50.0)
+_N_SCALARS = 8
+_DAY_S = 86_400.0
 
 
 class MetricDetector(Detector):
-    """EW z-score of a gauge, calibrated by the series' own z-score history.
+    """Level and time-of-day z of a gauge, calibrated by its own history, plus likelihood.
 
     Parameters
     ----------
@@ -43,14 +80,23 @@ class MetricDetector(Detector):
     alpha
         Fading factor of the EW mean/variance of the value.
     decay
-        Per-window forgetting factor of the z-score histogram.
+        Per-window forgetting factor of the z histogram.
     prior
         Pseudo-count added to the tail (a z never seen is not infinitely surprising).
     z_min
-        Deviations below this many standard deviations score 0.
+        Deviations below this many (weighted) standard deviations score 0.
+    season_buckets, alpha_season, alpha_resid, season_weight
+        Time-of-day buckets per day, the per-visit learning rate of a bucket's level, the
+        fading factor of the residual spread, and the weight of the residual z (0: off).
+    z_cap, alpha_short, alpha_long, short_min, likelihood_weight
+        Likelihood path: z cap of the raw score, fading factors of its short average and
+        of the long-run mean/var of that average, the least short average that may speak,
+        and the weight of its surprise (0: off).
     """
 
-    _params = ("name", "alpha", "decay", "prior", "z_min")
+    _params = ("name", "alpha", "decay", "prior", "z_min", "season_buckets", "alpha_season",
+               "alpha_resid", "season_weight", "z_cap", "alpha_short", "alpha_long",
+               "short_min", "likelihood_weight")
 
     def __init__(
         self,
@@ -58,17 +104,42 @@ class MetricDetector(Detector):
         alpha: float = 0.005,
         decay: float = 0.999,
         prior: float = 0.5,
-        z_min: float = 3.0,
+        z_min: float = 5.0,
+        season_buckets: int = 16,
+        alpha_season: float = 0.02,
+        alpha_resid: float = 0.002,
+        season_weight: float = 1.0,
+        z_cap: float = 10.0,
+        alpha_short: float = 0.2,
+        alpha_long: float = 0.0005,
+        short_min: float = 0.25,
+        likelihood_weight: float = 0.66,
     ) -> None:
+        if not 1 <= season_buckets <= 48:
+            raise ValueError(f"season_buckets={season_buckets!r}: need 1..48")
         self.name = name
         self.alpha = alpha
         self.decay = decay
         self.prior = prior
         self.z_min = z_min
+        self.season_buckets = season_buckets
+        self.alpha_season = alpha_season
+        self.alpha_resid = alpha_resid
+        self.season_weight = season_weight
+        self.z_cap = z_cap
+        self.alpha_short = alpha_short
+        self.alpha_long = alpha_long
+        self.short_min = short_min
+        self.likelihood_weight = likelihood_weight
         self._n = 0
         self._mean = 0.0
         self._var = 0.0
-        self._total = 0.0
+        self._resid_var = 0.0
+        self._seen = 0
+        self._short = 0.0
+        self._long_mean = 0.0
+        self._long_var = 0.0
+        self._levels = [0.0] * season_buckets
         self._hist = [0.0] * len(Z_EDGES)
 
     @property
@@ -81,29 +152,86 @@ class MetricDetector(Detector):
             return None
         return as_float(metrics, self.name)
 
-    def _z(self, v: float) -> float:
-        sd = math.sqrt(self._var) + 1e-6 * (abs(self._mean) + 1e-3)
-        return (v - self._mean) / sd
+    def _bucket(self, x: Mapping[str, Any]) -> int | None:
+        start = as_float(x, "window_start")
+        if start is None or self.season_weight <= 0.0:
+            return None
+        b = self.season_buckets
+        return int(start // (_DAY_S / b)) % b
+
+    def _total(self) -> float:
+        """Forgotten count of learned z values: every learn after the first adds 1."""
+        k = max(self._n - 1, 0)
+        d = self.decay
+        return float(k) if d >= 1.0 else (1.0 - d ** k) / (1.0 - d)
+
+    def _zs(self, v: float, b: int | None) -> tuple[float, float, float, float]:
+        """(z, signed level z, signed time-of-day z, unexplained residual).
+
+        The time-of-day residual is the distance to the nearest of the bucket's level and
+        its two neighbours' (a daily edge a little early or late, or a bucket straddling
+        the edge, is explained by a neighbour); its spread is learned on that distance too.
+        """
+        eps = 1e-6 * (abs(self._mean) + 1e-3)
+        zv = (v - self._mean) / (math.sqrt(self._var) + eps)
+        zh = dist = 0.0
+        if b is not None:
+            level = self._levels[b] if self._seen >> b & 1 else self._mean
+            dist = v - level
+            if self._seen == (1 << self.season_buckets) - 1:
+                nb = self.season_buckets
+                dist = math.copysign(min(abs(dist), abs(v - self._levels[(b - 1) % nb]),
+                                         abs(v - self._levels[(b + 1) % nb])), dist)
+                zh = dist / (math.sqrt(self._resid_var) + eps)
+        z = max(abs(zv), self.season_weight * abs(zh))
+        return z, zv, zh, dist
 
     def _tail(self, z: float) -> float:
-        """Forgotten count of past z-scores >= z (the bin holding z split linearly)."""
+        """Forgotten count of past z >= z (the bin holding z split linearly)."""
+        stored = sum(self._hist)
+        lo0 = Z_EDGES[0]
+        if z < lo0:
+            below = max(self._total() - stored, 0.0)
+            return stored + below * (lo0 - z) / lo0
         j = bisect.bisect_right(Z_EDGES, z) - 1
         above = sum(self._hist[j + 1:])
         lo = Z_EDGES[j]
         hi = Z_EDGES[j + 1] if j + 1 < len(Z_EDGES) else lo * 1.5
         return above + self._hist[j] * max(0.0, (hi - z) / (hi - lo))
 
+    def _short_next(self, z: float) -> float:
+        """The short EW average of the capped z after this window."""
+        return self._short + self.alpha_short * (min(z, self.z_cap) / self.z_cap - self._short)
+
+    def _likelihood(self, short: float) -> float:
+        """Surprise of the short average against its long-run mean/sd (Gaussian tail)."""
+        if short < self.short_min or self.likelihood_weight <= 0.0:
+            return 0.0
+        zl = (short - self._long_mean) / max(math.sqrt(self._long_var), 0.01)
+        return normal_surprise(zl) if zl > 0.0 else 0.0
+
     def assess(self, x: Mapping[str, Any]) -> Assessment:
         v = self._value(x)
         if v is None or self._n == 0:
             return NOTHING
-        z = self._z(v)
-        az = abs(z)
-        if az < self.z_min:
+        z, zv, zh, _ = self._zs(v, self._bucket(x))
+        short = self._short_next(z)
+        s_like = self.likelihood_weight * self._likelihood(short)
+        s_tail = 0.0
+        if z >= self.z_min:
+            total = self._total()
+            p = min(1.0, (self._tail(z) + self.prior) / (total + self.prior))
+            s_tail = -math.log10(p)
+        if s_tail <= 0.0 and s_like <= 0.0:
             return NOTHING
-        p = min(1.0, (self._tail(az) + self.prior) / (self._total + self.prior))
-        return Assessment(-math.log10(p), v, self._mean, "empirical_z_tail",
-                          direction="up" if z >= 0 else "down", extra={"z": z})
+        # which predictor spoke: the largest weighted z
+        parts = ((abs(zv), zv, "level"), (self.season_weight * abs(zh), zh, "time_of_day"))
+        _, signed, which = max(parts, key=lambda t: t[0])
+        test = "empirical_z_tail" if s_tail >= s_like else "likelihood"
+        return Assessment(max(s_tail, s_like), v, self._mean, f"{test}:{which}",
+                          direction="up" if signed >= 0 else "down",
+                          extra={"z": zv, "z_time_of_day": zh,
+                                 "short_mean_z": short * self.z_cap})
 
     def learn_one(self, x: Mapping[str, Any], w: float = 1.0) -> None:
         v = self._value(x)
@@ -113,21 +241,38 @@ class MetricDetector(Detector):
             self._mean = v
             self._n = 1
             return
-        az = abs(self._z(v))
+        b = self._bucket(x)
+        z, _, _, dist = self._zs(v, b)
+        self._short = self._short_next(z)
+        self._long_mean, self._long_var = ew_update(self._long_mean, self._long_var,
+                                                    self._short, self.alpha_long)
         d = self.decay
         self._hist = [c * d for c in self._hist]
-        self._hist[bisect.bisect_right(Z_EDGES, az) - 1] += 1.0
-        self._total = self._total * d + 1.0
+        if z >= Z_EDGES[0]:
+            self._hist[bisect.bisect_right(Z_EDGES, z) - 1] += 1.0
+        if b is not None:
+            if not self._seen >> b & 1:
+                self._levels[b] = self._mean
+                self._seen |= 1 << b
+            a = self.alpha_resid * w
+            self._resid_var = (1.0 - a) * (self._resid_var + a * dist * dist)
+            self._levels[b] += self.alpha_season * w * (v - self._levels[b])
         if w > 0.0:
             self._mean, self._var = ew_update(self._mean, self._var, v, self.alpha * w)
         self._n += 1
 
     def to_state(self) -> tuple[float, ...]:
-        return (float(self._n), self._mean, self._var, self._total, *self._hist)
+        return (float(self._n), self._mean, self._var, self._resid_var, float(self._seen),
+                self._short, self._long_mean, self._long_var, *self._levels, *self._hist)
 
     def from_state(self, state: Sequence[float]) -> None:
-        if len(state) != _STATE_LEN:
-            raise ValueError(f"metric state: expected {_STATE_LEN} numbers, got {len(state)}")
+        want = _N_SCALARS + self.season_buckets + len(Z_EDGES)
+        if len(state) != want:
+            raise ValueError(f"metric state: expected {want} numbers, got {len(state)}")
         vals = [float(v) for v in state]
-        self._n, self._mean, self._var, self._total = int(vals[0]), vals[1], vals[2], vals[3]
-        self._hist = vals[4:]
+        self._n = int(vals[0])
+        self._mean, self._var, self._resid_var = vals[1:4]
+        self._seen = int(vals[4])
+        self._short, self._long_mean, self._long_var = vals[5:8]
+        self._levels = vals[_N_SCALARS:_N_SCALARS + self.season_buckets]
+        self._hist = vals[_N_SCALARS + self.season_buckets:]

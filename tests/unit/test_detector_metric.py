@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 
 from models.detectors import MetricDetector
@@ -46,3 +48,59 @@ def test_refractory_one_finding_per_episode() -> None:
                 for f in det.update({"window_start": float(i), "metrics": {"value": float(v)}})]
     assert len(findings) == 1 and findings[0].window_start == 800.0
     assert findings[0].signal == "metric:value" and findings[0].evidence["direction"] == "up"
+
+
+def run_series(values: np.ndarray, step_s: float = 300.0, t0: float = 1_700_000_000.0,
+               ) -> list:
+    det = SeriesDetector("svc||")
+    return [f for i, v in enumerate(values)
+            for f in det.update({"window_start": t0 + step_s * i,
+                                 "metrics": {"value": float(v)}})]
+
+
+def test_a_missing_daily_peak_is_found_by_the_time_of_day_predictor() -> None:
+    # 5-minute gauge, high (80) for 8 hours a day, low (20) otherwise; day 12 has no peak
+    rng = np.random.default_rng(4)
+    per_day = 288
+    hours = (np.arange(14 * per_day) % per_day) / 12.0
+    values = np.where((hours >= 8) & (hours < 16), 80.0, 20.0) + rng.standard_normal(hours.size)
+    missing = slice(12 * per_day + 8 * 12, 12 * per_day + 16 * 12)
+    values[missing] = 20.0 + rng.standard_normal(values[missing].size)
+    findings = run_series(values)
+    starts = [int((f.window_start - 1_700_000_000.0) / 300.0) for f in findings]
+    assert any(missing.start <= s < missing.stop for s in starts)
+    assert all(s >= missing.start for s in starts if s >= 3 * per_day)  # quiet before it
+    hit = next(f for f, s in zip(findings, starts, strict=True) if s >= missing.start)
+    assert hit.evidence["statistic"].endswith("time_of_day")
+
+
+def test_a_sustained_moderate_shift_is_found_by_the_likelihood_path() -> None:
+    # +3.5 sd for 60 windows: never z >= z_min on a single window, but a sustained change
+    rng = np.random.default_rng(5)
+    values = 10 + rng.standard_normal(1500)
+    values[1000:1060] += 3.5
+    findings = run_series(values)
+    assert [f.window_start for f in findings if f.window_start < 1_700_000_000.0 + 300 * 1000]\
+        == []
+    first = findings[0]
+    assert 1000 <= (first.window_start - 1_700_000_000.0) / 300 < 1020
+    assert first.evidence["statistic"].startswith("likelihood")
+
+
+def test_a_gaussian_gauge_stays_quiet() -> None:
+    rng = np.random.default_rng(6)
+    assert run_series(50 + 5 * rng.standard_normal(20_000), step_s=1.0) == []
+
+
+def test_state_is_small_numbers_and_round_trips() -> None:
+    rng = np.random.default_rng(7)
+    det = MetricDetector()
+    stamps = 1_700_000_000.0 + 300.0 * np.arange(400)
+    for t, v in zip(stamps, rng.standard_normal(400), strict=True):
+        det.learn_one({"window_start": float(t), "metrics": {"value": float(v)}})
+    state = det.to_state()
+    assert len(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)) <= 400
+    clone = MetricDetector()
+    clone.from_state(state)
+    probe = {"window_start": float(stamps[-1] + 300.0), "metrics": {"value": 9.0}}
+    assert clone.assess(probe) == det.assess(probe)
