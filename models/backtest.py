@@ -4,7 +4,14 @@ The backtest must run exactly what the live detector agent runs, so each row bec
 window summary carrying ``metrics={"value": v}`` and goes through ``SeriesDetector.update``
 (one row = one window, in row order: NAB timestamps are irregular and sometimes repeat).
 ``label`` is 1 where the live pipeline would emit an anomaly event for ``metric:value``;
-``anomaly_score`` maps that signal's surprise to [0, 1] (0.5 at the threshold).
+``anomaly_score`` maps that signal's surprise to [0, 1] (0.5 at the threshold) and carries
+the live decision's refractory period: it is 0 on the ``metric_refractory`` rows after a
+finding, where the live pipeline stays silent whatever the surprise. So a threshold of 0.5
+on ``anomaly_score`` reproduces ``label`` exactly, and a threshold sweep (NAB's
+``--optimize``) scores at most one detection per episode instead of counting every
+anomalous row after the first as a false positive. (Below 0.5 a sweep is an
+approximation: rows that would have fired at that lower threshold do not start a
+refractory of their own.)
 """
 
 from __future__ import annotations
@@ -46,11 +53,15 @@ def score_series(
     det = SeriesDetector(series, cfg)
     scores: list[float] = []
     labels: list[int] = []
+    since_fire = cfg.metric_refractory + 1  # rows since the last finding (as _Track does)
     for ts, v in zip(timestamps, values, strict=True):
         start = parse_timestamp(ts) if isinstance(ts, str) else float(ts)
         window = {"window_start": start, "metrics": {"value": v}}
         findings = det.update(window)
+        fired = any(f.signal == SIGNAL for f in findings)
+        since_fire = 0 if fired else since_fire + 1
         s = det.last_scores.get(SIGNAL, 0.0)
-        scores.append(anomaly_score(s, cfg.metric_threshold) if math.isfinite(v) else 0.0)
-        labels.append(int(any(f.signal == SIGNAL for f in findings)))
+        live = math.isfinite(v) and (fired or since_fire > cfg.metric_refractory)
+        scores.append(anomaly_score(s, cfg.metric_threshold) if live else 0.0)
+        labels.append(int(fired))
     return scores, labels

@@ -37,13 +37,24 @@ prior: until some 2,000 windows have been seen, a sustained deviation is judged 
 "this gauge is quiet" rather than against a few hundred windows of its own history.
 The assessment's score is the larger of the two surprises.
 
+**Recurrence guard** (a seasonal-spike rule: a nightly job is not an incident). A window
+whose surprise (either path) reaches ``recur_mark`` marks its time-of-day bucket for its
+UTC day. A window that would score, in a bucket that (with a neighbour: +-1 bucket) was
+marked on each of the previous ``recur_days`` days, has its surprise multiplied by
+``recur_factor`` (0: silenced): something that surprised us at this time of day yesterday
+and the day before is this gauge's routine. Marks are set from the unguarded surprise, so
+a routine stays routine; a level change that lasts days marks every bucket and becomes the
+new normal. The marks of ``recur_days + 1`` days (today's accumulating) are bits of one
+float, plus the day they refer to: 2 numbers. On NAB it removes the daily cron spikes of
+the ec2_cpu_utilization files (34 of 101 false positives; docs/detection.md).
+
 The rates, weights and thresholds were chosen on the NAB development split
 (docs/detection.md lists what was tuned and what each part is worth there).
 
 State (to_state): n, mean, var, residual var, the bit mask of visited buckets, the short
-average, the long-run mean/var, ``season_buckets`` levels and the histogram counts of
-z >= 5 (the count below 5 is the total minus these; the total is a function of n): 34
-numbers by default, 339 pickled bytes.
+average, the long-run mean/var, the recurrence day and marks, ``season_buckets`` levels
+and the histogram counts of z >= 5 (the count below 5 is the total minus these; the total
+is a function of n): 36 numbers by default, about 340-360 pickled bytes.
 """
 
 from __future__ import annotations
@@ -66,7 +77,9 @@ from models.detectors.base import (
 #: stored: scores start at z_min (5 by default); smaller z only count towards the total
 #: (with a smaller z_min the tail below 5 is interpolated linearly over [0, 5)).
 Z_EDGES: tuple[float, ...] = (5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 50.0)
-_N_SCALARS = 8
+_N_SCALARS = 10
+#: Bits a float holds exactly: the recurrence marks of (recur_days + 1) days live in one.
+_MASK_BITS = 53
 _DAY_S = 86_400.0
 
 
@@ -92,11 +105,15 @@ class MetricDetector(Detector):
         Likelihood path: z cap of the raw score, fading factors of its short average and
         of the long-run mean/var of that average, the least short average that may speak,
         and the weight of its surprise (0: off).
+    recur_mark, recur_days, recur_factor
+        Recurrence guard: the surprise that marks a time-of-day bucket for the day, the
+        previous days that must all be marked (+-1 bucket) for a window to be routine, and
+        the factor applied to a routine window's surprise (``recur_mark`` 0: off).
     """
 
     _params = ("name", "alpha", "decay", "prior", "z_min", "season_buckets", "alpha_season",
                "alpha_resid", "season_weight", "z_cap", "alpha_short", "alpha_long",
-               "short_min", "likelihood_weight")
+               "short_min", "likelihood_weight", "recur_mark", "recur_days", "recur_factor")
 
     def __init__(
         self,
@@ -114,9 +131,15 @@ class MetricDetector(Detector):
         alpha_long: float = 0.0005,
         short_min: float = 0.25,
         likelihood_weight: float = 0.66,
+        recur_mark: float = 2.3,
+        recur_days: int = 2,
+        recur_factor: float = 0.0,
     ) -> None:
         if not 1 <= season_buckets <= 48:
             raise ValueError(f"season_buckets={season_buckets!r}: need 1..48")
+        if recur_days < 1 or (recur_days + 1) * season_buckets > _MASK_BITS:
+            raise ValueError(f"recur_days={recur_days!r}: need 1 <= (recur_days + 1) * "
+                             f"season_buckets <= {_MASK_BITS} (one float holds the marks)")
         self.name = name
         self.alpha = alpha
         self.decay = decay
@@ -131,6 +154,11 @@ class MetricDetector(Detector):
         self.alpha_long = alpha_long
         self.short_min = short_min
         self.likelihood_weight = likelihood_weight
+        self.recur_mark = recur_mark
+        self.recur_days = recur_days
+        self.recur_factor = recur_factor
+        self._day = 0.0
+        self._marks = 0
         self._n = 0
         self._mean = 0.0
         self._var = 0.0
@@ -210,11 +238,8 @@ class MetricDetector(Detector):
         zl = (short - self._long_mean) / max(math.sqrt(self._long_var), 0.01)
         return normal_surprise(zl) if zl > 0.0 else 0.0
 
-    def assess(self, x: Mapping[str, Any]) -> Assessment:
-        v = self._value(x)
-        if v is None or self._n == 0:
-            return NOTHING
-        z, zv, zh, _ = self._zs(v, self._bucket(x))
+    def _surprises(self, z: float) -> tuple[float, float, float]:
+        """(tail surprise, likelihood surprise, short average after this window)."""
         short = self._short_next(z)
         s_like = self.likelihood_weight * self._likelihood(short)
         s_tail = 0.0
@@ -222,6 +247,49 @@ class MetricDetector(Detector):
             total = self._total()
             p = min(1.0, (self._tail(z) + self.prior) / (total + self.prior))
             s_tail = -math.log10(p)
+        return s_tail, s_like, short
+
+    def _day_of(self, x: Mapping[str, Any]) -> float | None:
+        start = as_float(x, "window_start")
+        return None if start is None else float(start // _DAY_S)
+
+    def _marks_at(self, day: float) -> int:
+        """The recurrence marks as seen from ``day`` (bits of days that have passed shift)."""
+        shift = int(day - self._day)
+        if shift <= 0:
+            return self._marks
+        nb = self.season_buckets
+        keep = self.recur_days + 1
+        if shift >= keep:
+            return 0
+        return (self._marks << (shift * nb)) & ((1 << (keep * nb)) - 1)
+
+    def _routine(self, x: Mapping[str, Any], b: int | None) -> bool:
+        """Was this time of day (bucket or a neighbour) surprising on a previous day?"""
+        if b is None or self.recur_mark <= 0.0:
+            return False
+        day = self._day_of(x)
+        if day is None:
+            return False
+        marks = self._marks_at(day) >> self.season_buckets  # previous days only
+        nb = self.season_buckets
+        near = (1 << b) | (1 << (b - 1) % nb) | (1 << (b + 1) % nb)
+        for _ in range(self.recur_days):
+            if not marks & near:
+                return False
+            marks >>= nb
+        return True
+
+    def assess(self, x: Mapping[str, Any]) -> Assessment:
+        v = self._value(x)
+        if v is None or self._n == 0:
+            return NOTHING
+        b = self._bucket(x)
+        z, zv, zh, _ = self._zs(v, b)
+        s_tail, s_like, short = self._surprises(z)
+        if (s_tail > 0.0 or s_like > 0.0) and self._routine(x, b):
+            s_tail *= self.recur_factor
+            s_like *= self.recur_factor
         if s_tail <= 0.0 and s_like <= 0.0:
             return NOTHING
         # which predictor spoke: the largest weighted z
@@ -243,6 +311,13 @@ class MetricDetector(Detector):
             return
         b = self._bucket(x)
         z, _, _, dist = self._zs(v, b)
+        if b is not None and self.recur_mark > 0.0:
+            day = self._day_of(x)
+            if day is not None and day >= self._day:
+                self._marks = self._marks_at(day)
+                self._day = day
+                if max(self._surprises(z)[:2]) >= self.recur_mark:
+                    self._marks |= 1 << b
         self._short = self._short_next(z)
         self._long_mean, self._long_var = ew_update(self._long_mean, self._long_var,
                                                     self._short, self.alpha_long)
@@ -263,7 +338,8 @@ class MetricDetector(Detector):
 
     def to_state(self) -> tuple[float, ...]:
         return (float(self._n), self._mean, self._var, self._resid_var, float(self._seen),
-                self._short, self._long_mean, self._long_var, *self._levels, *self._hist)
+                self._short, self._long_mean, self._long_var, self._day, float(self._marks),
+                *self._levels, *self._hist)
 
     def from_state(self, state: Sequence[float]) -> None:
         want = _N_SCALARS + self.season_buckets + len(Z_EDGES)
@@ -273,6 +349,7 @@ class MetricDetector(Detector):
         self._n = int(vals[0])
         self._mean, self._var, self._resid_var = vals[1:4]
         self._seen = int(vals[4])
-        self._short, self._long_mean, self._long_var = vals[5:8]
+        self._short, self._long_mean, self._long_var, self._day = vals[5:9]
+        self._marks = int(vals[9])
         self._levels = vals[_N_SCALARS:_N_SCALARS + self.season_buckets]
         self._hist = vals[_N_SCALARS + self.season_buckets:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pytest
 
 from models.detectors import MetricDetector
 from models.series import DetectorConfig, SeriesDetector
@@ -104,3 +105,34 @@ def test_state_is_small_numbers_and_round_trips() -> None:
     clone.from_state(state)
     probe = {"window_start": float(stamps[-1] + 300.0), "metrics": {"value": 9.0}}
     assert clone.assess(probe) == det.assess(probe)
+
+
+def test_a_spike_at_the_same_time_every_day_becomes_routine() -> None:
+    # 5-minute gauge with one spike a day at 03:10 (a nightly job) and one off-schedule
+    # spike on day 11 at 15:00: the nightly spike stops being reported once it was
+    # surprising at that time of day on each of the two previous days; the other is found.
+    rng = np.random.default_rng(8)
+    per_day = 288
+    values = 1.0 + 0.05 * rng.standard_normal(13 * per_day)
+    nightly = [d * per_day + 38 for d in range(13)]
+    values[nightly] = 3.0
+    off = 11 * per_day + 180
+    values[off] = 3.0
+    findings = run_series(values)
+    starts = [int((f.window_start - 1_700_000_000.0) / 300.0) for f in findings]
+    late_nightly = [s for s in starts if s in nightly and s >= 5 * per_day]
+    assert late_nightly == []
+    assert off in starts
+
+
+def test_recurrence_marks_round_trip_and_bound() -> None:
+    det = MetricDetector()
+    stamps = 1_700_000_000.0 + 300.0 * np.arange(3 * 288)
+    for i, t in enumerate(stamps):
+        v = 5.0 if i % 288 == 40 else 1.0 + 0.01 * (i % 5)
+        det.learn_one({"window_start": float(t), "metrics": {"value": v}})
+    clone = MetricDetector()
+    clone.from_state(det.to_state())
+    assert clone.to_state() == det.to_state()
+    with pytest.raises(ValueError, match="recur_days"):
+        MetricDetector(season_buckets=16, recur_days=3)
