@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Agent modules in pipeline order.
-AGENT_MODULES: tuple[str, ...] = ()
+AGENT_MODULES: tuple[str, ...] = (
+    "agents.aggregation",
+    "agents.detection",
+)
 
 
 def register_all(app: StanchApp) -> None:

@@ -84,6 +84,9 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         "producer_max_batch_size": 1_048_576,
         "producer_max_request_size": 4_194_304,
         "stream_buffer_maxsize": 16_384,
+        # Aggregation holds messages unacked until their window is emitted; a rebalance
+        # must not wait for them to drain.
+        "stream_wait_empty": False,
         "broker_max_poll_records": 2_000,
         "consumer_max_fetch_size": 4_194_304,
     }

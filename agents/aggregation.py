@@ -1,0 +1,362 @@
+"""Aggregation agent: requests + errors -> one window summary per series per window.
+
+Thin wiring around :class:`models.aggregation.WindowAggregator` (see docs/pipeline.md for
+the whole design). What this module adds is the Kafka side of crash safety:
+
+* Messages are read as raw bytes with ``stream.noack()``: a message is acknowledged only
+  once every window it contributed to has been emitted *and* delivered, and Faust commits
+  only contiguous acknowledged offsets (after flushing the producer). A SIGKILL therefore
+  replays exactly the messages whose windows were still open.
+* Per input partition, the progress (highest closed window index, largest event time,
+  offset of the message that closed it) is written to a changelogged Faust table after
+  the windows are delivered and before the messages are acknowledged: one write per
+  closing, not per event. A restarted worker restores it, so replayed events of windows
+  that were already emitted are skipped (not emitted again with partial content, not
+  dead-lettered twice), and the watermark resumes where it was: the replay rebuilds the
+  still-open windows exactly as the first run would have.
+* Window summaries go to the windows topic as a JSON array per message, grouped by the
+  partition the series key hashes to (Kafka's default murmur2 partitioner), so every
+  series always reaches the same detector partition and one message carries many
+  summaries (the detector pays Faust's per-message cost once per batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import faust
+import orjson
+from aiokafka.partitioner import murmur2
+
+from agents.deadletter import DeadLetters
+from models.aggregation import CLOCK_SKEW, LATE, PartitionProgress, WindowAggregator
+from schemas.errors import SchemaError
+from schemas.records import ErrorEvent, WindowSummary, parse_request
+
+if TYPE_CHECKING:
+    from app.faust_app import StanchApp
+
+log = logging.getLogger(__name__)
+
+AGENT = "aggregation"
+PROGRESS_TABLE = "aggregation-progress"
+#: Summaries per message on the windows topic (keeps messages well under 1 MiB).
+WINDOWS_PER_MESSAGE = 500
+#: A partition with no input for this long (wall clock) closes its finished windows.
+IDLE_FLUSH_S = 1.0
+_IDLE_TICK_S = 0.25
+
+
+def windows_partition(series: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner picks for key ``series``."""
+    return (murmur2(series.encode("utf-8")) & 0x7FFFFFFF) % partitions
+
+
+def decode_message(value: bytes | None) -> tuple[list[Any] | None, str | None]:
+    """(elements, None) or (None, reason): one JSON object or an array of them.
+
+    orjson first; if it refuses (e.g. a bare ``NaN`` token that Python's json writes),
+    the standard library parses it so that the *element* is rejected by validation with a
+    precise reason and the rest of the batch survives.
+    """
+    if value is None:
+        return None, "not JSON: empty message"
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        try:
+            data = json.loads(value)
+        except (ValueError, RecursionError):
+            return None, f"not JSON: {exc}"
+    if type(data) is list:
+        return data, None
+    if type(data) is dict:
+        return [data], None
+    return None, "must be an event object or a JSON array of event objects"
+
+
+def parse_request_element(obj: Any) -> Any:
+    """A request event, or a window summary a service aggregated itself."""
+    if type(obj) is dict and "window_start" in obj:
+        return WindowSummary.from_dict(obj)
+    return parse_request(obj)
+
+
+@dataclass
+class _TpState:
+    """Per input partition: progress as stored, messages waiting for their windows."""
+
+    key: str
+    partition: int
+    replay_until: int = -1  # offsets <= this were processed before a restart
+    last_offset: int = -1
+    pending: deque[tuple[Any, int | None]] = field(default_factory=deque)
+    finisher: asyncio.Future[None] | None = None  # the last delivery/ack step scheduled
+    last_input: float = field(default_factory=time.monotonic)
+
+
+class AggregationAgent:
+    """State and behaviour of the aggregation agent of one worker process."""
+
+    def __init__(self, app: StanchApp) -> None:
+        s = app.settings
+        self.app = app
+        self.settings = s
+        self.agg = WindowAggregator(s.window_s, s.grace_s, s.max_clock_skew_s)
+        self.windows_topic = app.topic(
+            s.topic("windows"), key_serializer="raw", value_serializer="raw"
+        )
+        self.source = app.topic(
+            s.topic("requests"), s.topic("errors"), key_serializer="raw",
+            value_serializer="raw",
+        )
+        self.progress = app.Table(
+            PROGRESS_TABLE, default=None, partitions=s.partitions,
+            schema=faust.Schema(key_serializer="json", value_serializer="json"),
+        )
+        self.deadletters = DeadLetters(app, AGENT)
+        self.lock = asyncio.Lock()
+        self.states: dict[tuple[str, int], _TpState] = {}
+        self.parsers: dict[str, Callable[[Any], Any]] = {
+            s.topic("requests"): parse_request_element,
+            s.topic("errors"): ErrorEvent.from_dict,
+        }
+        #: figures for status pages, tests and the benchmark
+        self.stats = {"events": 0, "windows": 0, "messages": 0}
+
+    # -- partition state -------------------------------------------------------------
+    def _state(self, topic: str, partition: int) -> _TpState:
+        tp = (topic, partition)
+        st = self.states.get(tp)
+        if st is None:
+            key = f"{topic}:{partition}"
+            st = _TpState(key, partition)
+            stored = self.progress.get(key)
+            if stored:
+                self.agg.restore(key, PartitionProgress.from_dict(stored))
+                st.replay_until = int(stored.get("offset", -1))
+            else:
+                self.agg.drop(key)
+            self.states[tp] = st
+        return st
+
+    def keep_only(self, assigned: set[tuple[str, int]]) -> None:
+        """Forget the partitions that are no longer ours."""
+        for tp in list(self.states):
+            if tp not in assigned:
+                self.agg.drop(self.states.pop(tp).key)
+
+    # -- one message -----------------------------------------------------------------
+    async def handle(self, stream: Any, event: Any) -> None:
+        msg = event.message
+        topic, partition, offset = msg.topic, msg.partition, msg.offset
+        value = msg.value
+        # the bytes are not needed once decoded; the event waits in `pending` for a while
+        event.value = msg.value = None
+        async with self.lock:
+            st = self._state(topic, partition)
+            if offset <= st.last_offset:
+                # the consumer went back (a rebalance seeks to the committed offset):
+                # start this partition over from its stored progress, as after a restart
+                if st.finisher is not None:
+                    await asyncio.gather(st.finisher, return_exceptions=True)
+                del self.states[(topic, partition)]
+                st = self._state(topic, partition)
+            st.last_input = time.monotonic()
+            st.last_offset = offset
+            # queued first: whatever happens below, the message is acked in offset order
+            st.pending.append((event, None))
+            self.stats["messages"] += 1
+            elements, problem = decode_message(value)
+            if problem is not None:
+                await self.deadletters.send(
+                    "not json" if problem.startswith("not JSON") else "schema", problem,
+                    value, source_topic=topic, partition=partition, offset=offset,
+                    key=msg.key,
+                )
+                elements = []
+            parse = self.parsers[topic]
+            records = []
+            for i, obj in enumerate(elements):  # type: ignore[arg-type]
+                try:
+                    records.append(parse(obj))
+                except SchemaError as exc:
+                    where = exc.at(f"[{i}]") if len(elements) > 1 else exc  # type: ignore[arg-type]
+                    await self.deadletters.send(
+                        "schema", where, obj, source_topic=topic, partition=partition,
+                        offset=offset, key=msg.key,
+                    )
+            result = self.agg.add_batch(st.key, records, time.time())
+            self.stats["events"] += len(records) - len(result.rejects)
+            replaying = offset <= st.replay_until
+            for rej in result.rejects:
+                if rej.reason == LATE and replaying:
+                    continue  # its window was emitted before the restart
+                await self._reject(rej.reason, rej.record, topic, partition, offset, msg.key)
+            st.pending[-1] = (event, result.max_k)
+            windows = self.agg.close_ready(st.key)
+            self._close(stream, st, windows, offset)
+
+    async def _reject(self, reason: str, record: Any, topic: str, partition: int,
+                      offset: int, key: Any) -> None:
+        if reason == LATE:
+            text = (f"late: window already closed (watermark "
+                    f"{self.agg.watermark(f'{topic}:{partition}'):.3f}, grace "
+                    f"{self.settings.grace_s} s)")
+        elif reason == CLOCK_SKEW:
+            text = (f"clock skew: ts {record.ts:.3f} is more than "
+                    f"{self.settings.max_clock_skew_s} s in the future")
+        else:
+            text = reason
+        category = reason if reason in (LATE, CLOCK_SKEW) else "window"
+        await self.deadletters.send(category, text, record.to_dict(), source_topic=topic,
+                                    partition=partition, offset=offset, key=key)
+
+    def _close(self, stream: Any, st: _TpState, windows: list[dict[str, Any]],
+               offset: int) -> None:
+        """Send the closed windows now; deliver, record progress and ack in the background.
+
+        The three steps must happen in this order (module doc), and the acks of a
+        partition in offset order, so each step waits for the previous one of its
+        partition; the agent meanwhile goes on with the next messages.
+        """
+        ready = self._pop_ready(st)
+        if not windows and not ready:
+            return
+        futures = self._send_windows(windows) if windows else []
+        prog = None
+        if windows:
+            prog = self.agg.progress(st.key).to_dict()
+            prog["offset"] = max(offset, st.replay_until)
+            self.stats["windows"] += len(windows)
+        st.finisher = asyncio.ensure_future(
+            self._finish(stream, st, st.finisher, futures, prog, ready)
+        )
+
+    def _send_windows(self, windows: list[dict[str, Any]]) -> list[Any]:
+        parts = self.settings.partitions
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for w in windows:
+            series = f"{w['service']}|{w['route']}|{w.get('dependency') or ''}"
+            groups.setdefault(windows_partition(series, parts), []).append(w)
+        futures = []
+        for p, ws in sorted(groups.items()):
+            for i in range(0, len(ws), WINDOWS_PER_MESSAGE):
+                chunk = ws[i:i + WINDOWS_PER_MESSAGE]
+                first = chunk[0]
+                key = f"{first['service']}|{first['route']}|{first.get('dependency') or ''}"
+                # force=True: publish now, not when the current event is acked (Faust's
+                # attachments), because the ack itself waits for this delivery.
+                futures.append(asyncio.ensure_future(self.windows_topic.send(
+                    key=key.encode(), value=orjson.dumps(chunk, option=orjson.OPT_SORT_KEYS),
+                    partition=p, force=True,
+                )))
+        return futures
+
+    async def _finish(self, stream: Any, st: _TpState, previous: asyncio.Future[None] | None,
+                      futures: list[Any], prog: dict[str, Any] | None,
+                      ready: list[Any]) -> None:
+        try:
+            if previous is not None:
+                await previous
+            # 1. the windows are delivered ...
+            for fut in await asyncio.gather(*futures):
+                await fut
+            # 2. ... before the progress says they were emitted ...
+            if prog is not None:
+                self.progress.data[st.key] = prog
+                await (await self.progress.changelog_topic.send(
+                    key=st.key, value=prog, partition=st.partition, key_serializer="json",
+                    value_serializer="json", force=True,
+                ))
+            # 3. ... before their messages may be committed.
+            for event in ready:
+                await stream.ack(event)
+        except Exception:
+            log.exception("aggregation: delivering windows of %s failed; their messages stay "
+                          "unacknowledged and will be replayed", st.key)
+            raise
+
+    def _pop_ready(self, st: _TpState) -> list[Any]:
+        """Messages all of whose windows are closed, oldest first."""
+        closed = self.agg.progress(st.key).closed_k
+        pending = st.pending
+        ready = []
+        while pending:
+            event, max_k = pending[0]
+            if max_k is not None and (closed is None or max_k > closed):
+                break
+            pending.popleft()
+            ready.append(event)
+        return ready
+
+    # -- idle flush ------------------------------------------------------------------
+    def _backlog(self, st: _TpState) -> bool:
+        """True when the partition has messages beyond the last one processed."""
+        try:
+            from faust.types import TP
+
+            for (topic, partition), other in self.states.items():
+                if other is st:
+                    high = self.app.consumer.highwater(TP(topic, partition))
+                    return high is not None and high > st.last_offset + 1
+        except Exception:  # no consumer yet, unknown partition: assume idle
+            return False
+        return False
+
+    async def flush_idle(self, stream: Any, now_mono: float | None = None) -> None:
+        """Close finished windows of partitions that have had no input for a while."""
+        if stream is None:
+            return
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        async with self.lock:
+            for st in list(self.states.values()):
+                if not st.pending or now_mono - st.last_input < IDLE_FLUSH_S:
+                    continue
+                if self._backlog(st):
+                    continue  # not idle, just not fetched yet (e.g. replaying a backlog)
+                windows = self.agg.close_idle(st.key, time.time())
+                self._close(stream, st, windows, st.last_offset)
+
+
+def register(app: StanchApp) -> AggregationAgent:
+    """Wire the aggregation agent (and its idle-flush timer) onto ``app``."""
+    # With manual acks a message may wait for its window; Faust must not block a
+    # rebalance until every message is acked (the new owner replays them instead).
+    app.conf.stream_wait_empty = False
+    state = AggregationAgent(app)
+    app.stanch_aggregation = state  # type: ignore[attr-defined]
+    current: dict[str, Any] = {"stream": None}
+
+    @app.agent(state.source, name="stanch-aggregation")
+    async def aggregate(stream: Any) -> None:
+        noack = stream.noack()
+        current["stream"] = noack
+        async for event in noack.events():
+            try:
+                await state.handle(noack, event)
+            except Exception:  # never let one message stop the agent (it stays queued
+                # for an in-order ack: acking out of order could commit past others)
+                log.exception("aggregation failed on %s[%s]@%s", event.message.topic,
+                              event.message.partition, event.message.offset)
+
+    @app.timer(_IDLE_TICK_S)
+    async def idle_flush() -> None:
+        await state.flush_idle(current["stream"])
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app: Any, assigned: Any, **_: Any) -> None:
+        # Partitions we keep through a rebalance keep their state: Faust does not deliver
+        # again what it already read. Partitions we lost are forgotten; their new owner
+        # replays them from the committed offset.
+        async with state.lock:
+            state.keep_only({(tp.topic, tp.partition) for tp in assigned})
+
+    return state
