@@ -216,6 +216,17 @@ def _print_figures(result: dict[str, Any], as_json: bool) -> None:
         click.echo(f"{key:>32}: {value}")
 
 
+@bench.command("detect")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--events", type=int, default=1_000_000, show_default=True,
+              help="Batched request events to push through aggregation + detection.")
+def bench_detect(as_json: bool, events: int) -> None:
+    """Events/s through aggregation + detection, detection delay, bytes per series."""
+    from app.bench_detect import run_bench_detect
+
+    _print_figures(run_bench_detect(n_batched=events), as_json)
+
+
 @bench.command("sidecar")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quick", is_flag=True, help="2 s phases instead of 5 s.")

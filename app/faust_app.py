@@ -100,6 +100,8 @@ def create_app(settings: Settings, *, register_agents: bool = True) -> StanchApp
     app.conf.stanch_fetch_max_wait_ms = settings.fetch_max_wait_ms  # type: ignore[attr-defined]
     if register_agents:
         from agents import register_all
+        from app import web
 
         register_all(app)
+        web.register(app)
     return app

@@ -95,7 +95,7 @@ class ProcessRunner:
 
 def start_worker(settings: Settings, log_path: Path, **extra_env: str) -> ProcessRunner:
     """``stanch worker`` with the test's settings; returns once the worker says it is ready."""
-    env = settings_env(settings, STANCH_WEB_PORT=str(free_port()), **extra_env)
+    env = settings_env(settings, **{"STANCH_WEB_PORT": str(free_port()), **extra_env})
     runner = ProcessRunner([sys.executable, "-m", "app.cli", "worker"], env, log_path)
     runner.wait_for("Ready", timeout=90)
     return runner

@@ -77,3 +77,27 @@ def test_fetch_wait_is_short_so_a_hop_costs_milliseconds(topics: Settings) -> No
             await producer.stop()
 
     assert asyncio.run(round_trip()) < 1.0
+
+
+def test_worker_serves_health_status_and_metrics(topics: Settings, tmp_path: Path) -> None:
+    import urllib.request
+
+    from app.broker import free_port as _free_port
+
+    port = _free_port()
+    worker = start_worker(topics, tmp_path / "worker.log", STANCH_WEB_PORT=str(port))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{base}/stanch/health", timeout=10) as response:
+            assert response.status == 200
+            assert orjson.loads(response.read())["status"] == "ok"
+        with urllib.request.urlopen(f"{base}/stanch/status", timeout=10) as response:
+            body = orjson.loads(response.read())
+        assert body["topic_prefix"] == topics.topic_prefix
+        assert "aggregation" in body["agents"]
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert "stanch_worker_uptime_seconds" in text
+        assert 'stanch_aggregation_total{what="messages"}' in text
+    finally:
+        worker.stop()
