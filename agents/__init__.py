@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 AGENT_MODULES: tuple[str, ...] = (
     "agents.aggregation",
     "agents.detection",
+    "agents.incidents",
+    "agents.mitigation",
 )
 
 

@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
@@ -25,11 +25,6 @@ def _settings(**overrides: Any) -> Settings:
     except SettingsError as exc:
         click.echo(f"stanch: {exc}", err=True)
         sys.exit(2)
-
-
-def _not_built(what: str) -> NoReturn:
-    click.echo(f"stanch: '{what}' is not built yet in this version.", err=True)
-    sys.exit(3)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,11 +95,18 @@ def sidecar(args: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.option("--scenario", default="bad-deploy", show_default=True)
+@click.option("--scenario", default="bad-deploy", show_default=True,
+              help="clean, latency-spike, error-burst, bad-deploy, traffic-surge, "
+                   "dependency-failure, slow-degradation or telemetry-gap.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--speed", type=float, default=8.0, show_default=True,
+              help="Simulated seconds per wall second.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def demo(scenario: str, as_json: bool) -> None:
-    """Broker + worker + simulated fleet, one scenario end to end, with a report."""
-    _not_built("demo")
+def demo(scenario: str, seed: int, speed: float, as_json: bool) -> None:
+    """Broker + worker + simulated fleet: one scenario end to end, with a report."""
+    from app.demo import demo_main
+
+    sys.exit(demo_main(scenario, as_json, seed=seed, speed=speed))
 
 
 def _parse_time(value: str | None) -> int | None:
@@ -171,34 +173,72 @@ def backtest(input_dir: Path, output_dir: Path) -> None:
         sys.exit(1)
 
 
-@cli.group()
-def incidents() -> None:
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def incidents(ctx: click.Context) -> None:
     """List incidents; `show ID` prints the timeline and writes a plot."""
+    if ctx.invoked_subcommand is None:
+        from app.incidents_cli import incidents_list_main
+
+        sys.exit(incidents_list_main(_settings()))
 
 
 @incidents.command("list")
-def incidents_list() -> None:
-    """List incidents."""
-    _not_built("incidents list")
+@click.option("--json", "as_json", is_flag=True)
+def incidents_list(as_json: bool) -> None:
+    """List incidents (from the incidents topic)."""
+    from app.incidents_cli import incidents_list_main
+
+    sys.exit(incidents_list_main(_settings(), as_json=as_json))
+
+
+@incidents.command("show")
+@click.argument("incident_id")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG path (default <ID>.png).")
+@click.option("--no-plot", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def incidents_show(incident_id: str, output: Path | None, no_plot: bool, as_json: bool) -> None:
+    """Print an incident's timeline and write a PNG plot of its series."""
+    from app.incidents_cli import incidents_show_main
+
+    sys.exit(incidents_show_main(_settings(), incident_id, plot_path=output, as_json=as_json,
+                                 no_plot=no_plot))
+
+
+def _control(action: str, target: str | None = None, reason: str | None = None) -> None:
+    from app.control import control_main
+
+    sys.exit(control_main(_settings(), action, target, reason))
 
 
 @cli.command()
 @click.argument("target")
-def approve(target: str) -> None:
+@click.option("--reason", default=None)
+def approve(target: str, reason: str | None) -> None:
     """Approve a pending command or incident (approval mode)."""
-    _not_built("approve")
+    _control("approve", target, reason)
 
 
 @cli.command()
-def pause() -> None:
-    """Kill switch: stop issuing commands."""
-    _not_built("pause")
+@click.option("--reason", default=None)
+def pause(reason: str | None) -> None:
+    """Kill switch: issue no command (leases lapse) until `stanch resume`."""
+    _control("pause", None, reason)
 
 
 @cli.command()
-def resume() -> None:
+@click.option("--reason", default=None)
+def resume(reason: str | None) -> None:
     """Undo `stanch pause`."""
-    _not_built("resume")
+    _control("resume", None, reason)
+
+
+@cli.command("dry-run")
+@click.argument("state", type=click.Choice(["on", "off"]))
+def dry_run(state: str) -> None:
+    """Record decisions on stanch.incidents without issuing commands (on), or stop (off)."""
+    _control(f"dry-run-{state}")
 
 
 @cli.group()
@@ -225,6 +265,16 @@ def bench_detect(as_json: bool, events: int) -> None:
     from app.bench_detect import run_bench_detect
 
     _print_figures(run_bench_detect(n_batched=events), as_json)
+
+
+@bench.command("mitigate")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--runs", type=int, default=3, show_default=True, help="Runs per scenario.")
+def bench_mitigate(as_json: bool, runs: int) -> None:
+    """Onset-to-signed-command time over bad-deploy and traffic-surge runs."""
+    from app.bench_mitigate import bench_mitigate_main
+
+    sys.exit(bench_mitigate_main(as_json, runs=runs))
 
 
 @bench.command("sidecar")
