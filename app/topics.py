@@ -71,16 +71,24 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str
     """Create every missing Stanch topic; returns the names created. Safe to call again."""
     admin = AIOKafkaAdminClient(**settings.aiokafka_kwargs(), request_timeout_ms=10_000)
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            await admin.start()
-            break
-        except KafkaError as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(
-                    f"cannot reach Kafka at {settings.bootstrap}: {exc}"
-                ) from exc
-            await asyncio.sleep(0.5)
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    try:
+        while True:
+            try:
+                await admin.start()
+                break
+            except KafkaError as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(
+                        f"cannot reach Kafka at {settings.bootstrap}: {exc}"
+                    ) from exc
+                if client_log.level != logging.CRITICAL:
+                    log.warning("waiting for Kafka at %s ...", settings.bootstrap)
+                    client_log.setLevel(logging.CRITICAL)  # one line, not one per retry
+                await asyncio.sleep(0.5)
+    finally:
+        client_log.setLevel(level)
     try:
         existing = set(await admin.list_topics())
         wanted = [t for t in new_topics(settings) if t.name not in existing]

@@ -47,3 +47,15 @@ def test_backtest_writes_scored_csv_at_the_same_relative_path(tmp_path: Path) ->
     assert list(written[0]) == ["timestamp", "value", "anomaly_score", "label"]
     assert all(0.0 <= float(r["anomaly_score"]) <= 1.0 for r in written)
     assert {r["label"] for r in written} <= {"0", "1"}
+
+
+def test_worker_with_a_bad_policy_stops_before_connecting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[throttle]\nheadroom = "lots"\n')
+    monkeypatch.setenv("STANCH_POLICY_FILE", str(policy))
+    monkeypatch.setenv("STANCH_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # never reached
+    result = CliRunner().invoke(cli, ["worker"])
+    assert result.exit_code == 2
+    assert "throttle.headroom" in result.output
