@@ -54,7 +54,7 @@ class StanchApp(faust.App):
 
 def faust_config(settings: Settings) -> dict[str, Any]:
     """Faust settings derived from Stanch settings (one place, so tests see the same)."""
-    credentials = None
+    credentials: faust.SASLCredentials | faust.SSLCredentials | None = None
     if settings.sasl_mechanism:
         credentials = faust.SASLCredentials(
             username=settings.sasl_username,
