@@ -200,9 +200,15 @@ class AggregationAgent:
                 if rej.reason == LATE and replaying:
                     continue  # its window was emitted before the restart
                 await self._reject(rej.reason, rej.record, topic, partition, offset, msg.key)
-            st.pending[-1] = (event, result.max_k)
+            max_k = result.max_k
+            st.pending[-1] = (event, max_k)
+            before = self.agg.closed_k(st.key)
             windows = self.agg.close_ready(st.key)
-            self._close(stream, st, windows, offset)
+            closed = self.agg.closed_k(st.key)
+            if (windows or closed != before
+                    or (len(st.pending) == 1
+                        and (max_k is None or (closed is not None and max_k <= closed)))):
+                self._close(stream, st, windows, offset)
 
     async def _reject(self, reason: str, record: Any, topic: str, partition: int,
                       offset: int, key: Any) -> None:
@@ -286,7 +292,7 @@ class AggregationAgent:
 
     def _pop_ready(self, st: _TpState) -> list[Any]:
         """Messages all of whose windows are closed, oldest first."""
-        closed = self.agg.progress(st.key).closed_k
+        closed = self.agg.closed_k(st.key)
         pending = st.pending
         ready = []
         while pending:
@@ -298,18 +304,13 @@ class AggregationAgent:
         return ready
 
     # -- idle flush ------------------------------------------------------------------
-    def _backlog(self, st: _TpState) -> bool:
-        """True when the partition has messages beyond the last one processed."""
-        try:
-            from faust.types import TP
-
-            for (topic, partition), other in self.states.items():
-                if other is st:
-                    high = self.app.consumer.highwater(TP(topic, partition))
-                    return high is not None and high > st.last_offset + 1
-        except Exception:  # no consumer yet, unknown partition: assume idle
-            return False
-        return False
+    @staticmethod
+    def _replaying(st: _TpState) -> bool:
+        """True while the partition has not yet re-read every message it had processed
+        before a restart or a seek back: those messages certainly exist, so the
+        partition is not idle whatever the clock says. (No high-water marks: the
+        embedded broker's are not reliable enough to decide "nothing left to read".)"""
+        return st.last_offset < st.replay_until
 
     async def flush_idle(self, stream: Any, now_mono: float | None = None) -> None:
         """Close finished windows of partitions that have had no input for a while."""
@@ -320,8 +321,8 @@ class AggregationAgent:
             for st in list(self.states.values()):
                 if not st.pending or now_mono - st.last_input < IDLE_FLUSH_S:
                     continue
-                if self._backlog(st):
-                    continue  # not idle, just not fetched yet (e.g. replaying a backlog)
+                if self._replaying(st):
+                    continue  # not idle: replaying what was processed before a restart
                 windows = self.agg.close_idle(st.key, time.time())
                 self._close(stream, st, windows, st.last_offset)
 

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 AGENT = "detection"
 STATE_TABLE = "detector-state"
 _TTL_TICK_S = 30.0
+#: Detectors kept decoded in memory (most recently used series); the rest are decoded
+#: from the table when their next window arrives.
+DETECTOR_CACHE_SIZE = 20_000
 
 
 def encode_state(last_window_start: float, partition: int, state: Any) -> bytes:
@@ -114,6 +117,12 @@ class DetectionAgent:
         self.deadletters = DeadLetters(app, AGENT)
         self.newest_window_start = -math.inf
         self.stats: Counter[str] = Counter()
+        #: series -> (table value we wrote, its window_start, the detector it encodes):
+        #: a window of a series seen recently skips decoding and restoring its state.
+        #: Valid only while the table still holds that very value object (a restore or
+        #: rebalance puts new objects there), and bounded (least recently used evicted).
+        self._cache: dict[str, tuple[bytes, float, SeriesDetector]] = {}
+        self.cache_size = DETECTOR_CACHE_SIZE
 
     def is_mitigated(self, service: str) -> bool:
         hook = getattr(self.app, "stanch_mitigated", None)
@@ -148,8 +157,19 @@ class DetectionAgent:
     async def detect(self, window: WindowSummary, partition: int) -> list[Anomaly]:
         """Run the series' detector on one validated window; emit its anomalies."""
         series = window.series
-        stored = self.table.get(series)
-        if stored is not None:
+        store = self.table.data
+        stored = store.get(series)
+        cached = self._cache.pop(series, None)
+        if stored is None:
+            det = SeriesDetector(series, self.config)
+        elif cached is not None and cached[0] is stored:
+            # the table still holds what we wrote with this detector: no need to decode
+            if window.window_start <= cached[1]:
+                self._cache[series] = cached
+                self.stats["duplicate windows"] += 1
+                return []
+            det = cached[2]
+        else:
             last, _, state = decode_state(stored)
             if window.window_start <= last:
                 self.stats["duplicate windows"] += 1
@@ -159,13 +179,19 @@ class DetectionAgent:
             except (ValueError, TypeError) as exc:
                 log.error("detector state of %s unreadable (%s): starting afresh", series, exc)
                 det = SeriesDetector(series, self.config)
-        else:
-            det = SeriesDetector(series, self.config)
+        # (a detector that raised half-way is not cached: the next window decodes the table)
         findings = det.update(window.to_dict(), mitigated=self.is_mitigated(window.service))
-        self.table[series] = encode_state(window.window_start, partition, det.to_state())
+        value = encode_state(window.window_start, partition, det.to_state())
+        self.table[series] = value
+        cache = self._cache
+        cache[series] = (value, window.window_start, det)
+        if len(cache) > self.cache_size:
+            del cache[next(iter(cache))]  # the least recently used series
         self.stats["windows"] += 1
         if window.window_start > self.newest_window_start:
             self.newest_window_start = window.window_start
+        if not findings:
+            return []
         out = []
         now = time.time()
         for f in findings:
@@ -197,6 +223,7 @@ class DetectionAgent:
                 expired.append((key, None))
         for key, partition in expired:
             self.table.data.pop(key, None)
+            self._cache.pop(key, None)
             if partition is not None:
                 self.table.send_changelog(partition, key, None)
         self.stats["expired series"] += len(expired)

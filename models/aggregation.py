@@ -166,6 +166,11 @@ class WindowAggregator:
         p = self._part(partition).progress
         return PartitionProgress(p.closed_k, p.max_ts)
 
+    def closed_k(self, partition: Hashable) -> int | None:
+        """The highest closed window index of a partition (None before the first)."""
+        part = self._parts.get(partition)
+        return part.progress.closed_k if part is not None else None
+
     def restore(self, partition: Hashable, progress: PartitionProgress) -> None:
         """Resume a partition from stored progress (open windows are rebuilt by replay)."""
         part = self._part(partition)
