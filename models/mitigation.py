@@ -14,7 +14,9 @@ Rules (first match per incident):
   roll its service back to from_version; nothing else is piled on afterwards. While a
   suspect is still unconfirmed, other actions wait `rollback.evidence_wait_s`.
 - isolate: callers fail on the incident's root (a failing dependency): one isolate per
-  caller, target = the dependency (its circuit opens at the caller).
+  caller, target = the dependency (its circuit opens at the caller). Not when the root
+  itself surges: then the callers' failures are the overload's symptom and the root is
+  throttled instead (isolating would also cut its legitimate traffic).
 - throttle: a traffic surge on an ingress series: rate = the baseline rate (the
   anomaly's expected count per window / window_s) * (1 + headroom), per route.
 - shed: saturation (latency anomalies on a surging service) when throttling is not
@@ -36,7 +38,8 @@ target and params), so a dead Stanch lets everything lapse within one lease.
 
 Safeguards: dry-run (decisions become 'decision' entries, no command), approval
 (decisions wait until an approve control message names the incident or command id),
-cooldown, hysteresis (min_anomalies / min_duration_s before acting), a fleet-wide cap
+cooldown, hysteresis (min_anomalies / min_duration_s before acting; a confirmed suspect
+change needs only the first anomaly), a fleet-wide cap
 (max_active), the storm guard (escalate new incidents, no new command), the kill
 switch (pause: nothing is issued, not even renewals, so active mitigations lapse at
 their lease; pending approvals are dropped and re-proposed after resume).
@@ -252,13 +255,30 @@ class Mitigator:
         self._issue_approved(book, inc, now, res)
         if storm:
             return
-        sg = self.policy.safeguards
-        if inc.anomalous_windows < sg.min_anomalies or now - inc.onset < sg.min_duration_s:
+        if not self._hysteresis_met(inc, now):
             return
         for prop in self._propose(inc, now):
             self._consider(book, inc, prop, now, res)
         book.set_masked(inc.id, {f"{a.service}>{a.target}" for a in self._acts(inc.id)
                                  if a.kind == "isolate" and a.step == 0})
+
+    def _hysteresis_met(self, inc: Incident, now: float) -> bool:
+        """``min_anomalies`` anomalous windows and ``min_duration_s`` since onset, except
+        that a *confirmed* suspect change is enough with the incident's first anomaly.
+
+        Why: the confirmation is evidence of its own (the new version's error rate or
+        p99 against the old version's, over ``min_version_requests`` requests), and the
+        first finding already needed ``debounce_k`` anomalous windows in the detector, so
+        waiting for a second anomalous window only added one window (1 s) to every
+        rollback (bad-deploy onset -> command 4.2 s -> 3.3 s, see docs/mitigation.md).
+        Unconfirmed suspects, isolations and throttles keep the full hysteresis."""
+        sg = self.policy.safeguards
+        if now - inc.onset < sg.min_duration_s or inc.anomalous_windows < 1:
+            return False
+        if inc.anomalous_windows >= sg.min_anomalies:
+            return True
+        sus = inc.suspect
+        return bool(sus and sus.get("confirmed")) and inc.id not in self._rolled_back
 
     # ---- proposals -----------------------------------------------------------------
     def _propose(self, inc: Incident, now: float) -> list[_Proposal]:
@@ -281,11 +301,17 @@ class Mitigator:
                 return []  # evidence on the suspect is still coming in
         out: list[_Proposal] = []
         root = inc.root_service
-        for caller in inc.callers_of(root):
-            if caller != root and p.allows(caller, "isolate"):
-                out.append(_Proposal("isolate", caller, root, {"state": "open"},
-                                     f"dependency failure: {caller} fails on calls to {root}"))
         surges = self._surges(inc)
+        surging = {s for s, _ in surges}
+        # A surging root fails its callers because it is overloaded, not broken: their
+        # egress errors and latency are a symptom. Opening their circuits would cut the
+        # legitimate share of its traffic too; the cure is the throttle at the root below.
+        if root not in surging:
+            for caller in inc.callers_of(root):
+                if caller != root and p.allows(caller, "isolate"):
+                    out.append(_Proposal("isolate", caller, root, {"state": "open"},
+                                         f"dependency failure: {caller} fails on calls to "
+                                         f"{root}"))
         for (svc, target), (rate, route) in sorted(surges.items()):
             if p.allows(svc, "throttle"):
                 params: dict[str, Any] = {"rate_per_s": rate}

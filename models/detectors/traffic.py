@@ -6,10 +6,30 @@ log(count + 1), EW-updated (River's EWMean recurrence), plus a global level used
 hour has not been seen yet and an EW residual variance. The test is a z-score on the log
 scale whose variance is the learned residual variance plus the Poisson part (1 / expected
 count), i.e. a log-normal approximation of an overdispersed (negative-binomial-like) count.
-It is two-sided by design: a surge (``direction="up"``) and a drop (``"down"``) both
+It is two-sided by design: a surge (``direction="surge"``) and a drop (``"drop"``) both
 matter; a drop to zero while traffic is expected is also how a telemetry gap shows up.
+The words are the ones the incident and mitigation models use (models.incidents,
+models.mitigation), so no translation sits between detector and decider.
 Effect-size guards (``surge_ratio``, ``drop_ratio``) keep huge volumes from alarming on a
 few percent. Hour and day come from the window start (UTC). State: 34 floats.
+
+Why the learning is guarded (found on the simulator's traffic-surge, where the detector
+used to stay silent on a 5x surge that ramps up over 15 s):
+
+* The residual variance already contains the Poisson noise of the counts, so the test's
+  variance is ``max(learned, floor^2 + Poisson)``, not their sum: the sum counted the
+  Poisson part twice and asked for ~2.7x where ~1.8x is already a 1e-6 event.
+* A ramp is learned while it is still below the threshold, and every such window
+  inflates the EW variance (r^2 of a 1.5x window is ~10x a normal one): by the time the
+  surge reached 5x the learned sd had tripled and the window scored z ~ 3. Residuals are
+  therefore clipped at ``clip_z`` standard deviations before they update the level and
+  the variance (Huber-style): a sustained new level is still absorbed (the level moves
+  by at most alpha * clip_z * sd per window) but a ramp no longer widens the test.
+* The first windows are learned at rate ``max(alpha, 1 / (n + 1))`` (a running mean,
+  like a bias-corrected EW mean): with a fixed alpha = 0.01 a partial first window
+  (a worker that starts mid-second) still biased the level by ~25 % and the variance
+  several-fold after the 120 warm-up windows. The variance starts after
+  ``_VAR_START`` windows so that the level it is measured against has settled.
 """
 
 from __future__ import annotations
@@ -23,6 +43,7 @@ from models.detectors.base import NOTHING, Assessment, Detector, as_float, norma
 _HOURS, _DAYS = 24, 7
 _STATE_LEN = 3 + _HOURS + _DAYS
 _UNSEEN = -1.0  # log(count + 1) is >= 0, so a negative level marks an unseen hour
+_VAR_START = 10  # windows learned before the residual variance is (the level settles first)
 
 
 def hour_and_day(window_start: float) -> tuple[int, int]:
@@ -45,10 +66,12 @@ class TrafficDetector(Detector):
     drop_ratio
         A drop must be at most expected / drop_ratio.
     sd_floor
-        Lowest residual standard deviation on the log scale.
+        Lowest residual standard deviation on the log scale (beyond the Poisson part).
+    clip_z
+        Residuals are clipped at this many standard deviations before they are learned.
     """
 
-    _params = ("alpha", "day_alpha", "surge_ratio", "drop_ratio", "sd_floor")
+    _params = ("alpha", "day_alpha", "surge_ratio", "drop_ratio", "sd_floor", "clip_z")
 
     def __init__(
         self,
@@ -57,12 +80,14 @@ class TrafficDetector(Detector):
         surge_ratio: float = 2.0,
         drop_ratio: float = 3.0,
         sd_floor: float = 0.05,
+        clip_z: float = 3.0,
     ) -> None:
         self.alpha = alpha
         self.day_alpha = day_alpha
         self.surge_ratio = surge_ratio
         self.drop_ratio = drop_ratio
         self.sd_floor = sd_floor
+        self.clip_z = clip_z
         self._n = 0
         self._level = 0.0
         self._var = 0.0
@@ -79,6 +104,12 @@ class TrafficDetector(Detector):
         hour = self._hours[h]
         return (hour if hour >= 0.0 else self._level) + self._days[d]
 
+    def _sd(self, expected: float) -> float:
+        """Standard deviation of log(count + 1) around the expectation: the learned
+        residual spread, but never below the floor plus the Poisson part 1 / (count + 1)
+        (the learned spread already contains the Poisson noise: not added twice)."""
+        return math.sqrt(max(self._var, self.sd_floor**2 + 1.0 / (expected + 1.0)))
+
     def assess(self, x: Mapping[str, Any]) -> Assessment:
         count = as_float(x, "count")
         start = as_float(x, "window_start")
@@ -87,13 +118,12 @@ class TrafficDetector(Detector):
         e = self.expected_log(start)
         expected = max(math.exp(e) - 1.0, 0.0)
         y = math.log(count + 1.0)
-        sd = math.sqrt(max(self._var, self.sd_floor**2) + 1.0 / (expected + 1.0))
-        z = (y - e) / sd
+        z = (y - e) / self._sd(expected)
         ratio = (count + 1.0) / (expected + 1.0)
         if z > 0 and ratio >= self.surge_ratio:
-            direction = "up"
+            direction = "surge"
         elif z < 0 and ratio <= 1.0 / self.drop_ratio:
-            direction = "down"
+            direction = "drop"
         else:
             return NOTHING
         return Assessment(normal_surprise(abs(z)), count, expected, "z_log_count",
@@ -110,12 +140,18 @@ class TrafficDetector(Detector):
             self._level = y
         if self._hours[h] < 0.0:
             self._hours[h] = self._level
-        r = y - (self._hours[h] + self._days[d])
-        a = self.alpha * w
-        self._var = (1.0 - a) * (self._var + a * r * r)
+        e = self._hours[h] + self._days[d]
+        r = y - e
+        if self._n > _VAR_START:  # clip (Huber): a ramp or an outlier cannot widen the test
+            bound = self.clip_z * self._sd(max(math.exp(e) - 1.0, 0.0))
+            r = min(max(r, -bound), bound)
+        a = max(self.alpha, 1.0 / (self._n + 1)) * w
+        if self._n >= _VAR_START:
+            av = max(self.alpha, 1.0 / (self._n - _VAR_START + 1)) * w
+            self._var += av * (r * r - self._var)
         self._hours[h] = max(self._hours[h] + a * r, 0.0)
         self._days[d] += self.day_alpha * w * r
-        self._level += a * (y - self._level - self._days[d])
+        self._level += a * (e + r - self._level - self._days[d])
         self._n += 1
 
     def to_state(self) -> tuple[float, ...]:

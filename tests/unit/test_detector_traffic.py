@@ -40,9 +40,9 @@ def test_surge_and_drop_to_zero_are_detected_with_direction() -> None:
     t = T0 + 3 * 86400.0 + 12 * 3600.0
     surge = [f for k in range(3) for f in det.update(
         {"window_start": t + k * STEP, "count": int(3 * rng.poisson(expected_rate(t)))})]
-    assert surge and surge[0].signal == "traffic" and surge[0].evidence["direction"] == "up"
+    assert surge and surge[0].signal == "traffic" and surge[0].evidence["direction"] == "surge"
     drop = [f for k in range(3, 6) for f in det.update({"window_start": t + k * STEP, "count": 0})]
-    assert drop and drop[0].evidence["direction"] == "down"
+    assert drop and drop[0].evidence["direction"] == "drop"
     assert drop[0].expected > 100
 
 

@@ -131,6 +131,19 @@ def test_bad_deploy_rolls_back_to_previous_version_and_nothing_else() -> None:
     assert ev["new_error_rate"] > 0.2 > 0.01 > ev["old_error_rate"]
 
 
+def test_confirmed_suspect_rolls_back_on_the_first_anomalous_window() -> None:
+    """The detector's finding already carries debounce_k windows and the version
+    evidence confirms the deploy: waiting for a second anomalous window only costs time."""
+    h = Harness()
+    h.run(0, 400, bad_deploy())
+    first_anomaly = 101
+    assert h.first_issue("rollback") == first_anomaly
+    # without a confirmed suspect the hysteresis still holds (min_anomalies = 2)
+    h2 = Harness()
+    h2.run(0, 130, traffic_surge())
+    assert h2.first_issue("throttle") == 100 + h2.policy.safeguards.min_anomalies - 1
+
+
 def test_unrelated_change_is_not_rolled_back() -> None:
     """A deploy whose new version is as healthy as the old one is no confirmed suspect."""
     change = {"ts": 100.5, "service": "payments", "change_id": "chg-ok", "kind": "deploy",
@@ -188,6 +201,36 @@ def test_traffic_surge_throttles_then_ramps_back_and_resolves() -> None:
     assert len(steps) == 5
     gaps = [b["at"] - a["at"] for a, b in zip(steps, steps[1:], strict=False)]
     assert all(g >= h.policy.restore.step_s for g in gaps)
+
+
+@pytest.mark.parametrize("surge_first", [True, False])
+def test_surge_at_root_with_callers_egress_errors_throttles_and_isolates_nothing(
+        surge_first: bool) -> None:
+    """What the simulator's traffic-surge shows: search surges, gateway's calls to it
+    fail or slow down. The callers' egress errors are the overload's symptom: throttle
+    search, do not open gateway's circuit to it (that would cut its legitimate share)."""
+    def scenario(h: Harness, t: int) -> tuple[list, list, list]:
+        ws = healthy(t)
+        an: list[dict] = []
+        if 100 <= t < 160:
+            surge = [anomaly("search", t, "traffic", route="/q", observed=500.0,
+                             expected=100.0, direction="surge")]
+            egress = [anomaly("gateway", t, "errors", route="/api/search", dep="search"),
+                      anomaly("gateway", t, "latency", route="/api/search", dep="search",
+                              observed=900.0, expected=80.0)]
+            an = surge + egress if surge_first else egress + surge
+        return ws, an, []
+
+    h = Harness()
+    h.run(0, 400, scenario)
+    assert h.issued("throttle", "search")
+    assert {k for k, _, _ in h.kinds()} <= {"throttle", "restore"}, h.kinds()
+    assert not h.issued("isolate")
+    first = [d for _, d in h.decisions][0]
+    assert (first.kind, first.service, first.target) == ("throttle", "search", "/q")
+    ramp = [d.params["rate_per_s"] for _, d in h.decisions if "restore step" in d.reason]
+    assert ramp == sorted(ramp) and len(ramp) == h.policy.restore.max_steps
+    assert h.book.incidents()[0].state == "resolved"
 
 
 def test_throttle_lease_is_renewed_while_needed_with_new_ids() -> None:
