@@ -277,6 +277,22 @@ def bench_mitigate(as_json: bool, runs: int) -> None:
     sys.exit(bench_mitigate_main(as_json, runs=runs))
 
 
+@bench.command(
+    "quality",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_quality(args: tuple[str, ...]) -> None:
+    """Every scenario through the live models (detected? how fast?) and a clean 24 h day.
+
+    Prints JSON; exits 1 when a scenario is missed or the clean day alarms.
+    """
+    from app.bench_quality import main as quality_main
+
+    sys.exit(quality_main([a for a in args if a != "--json"]))
+
+
 @bench.command("sidecar")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quick", is_flag=True, help="2 s phases instead of 5 s.")

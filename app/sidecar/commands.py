@@ -191,9 +191,16 @@ class CommandConsumer:
     async def _behind(
         consumer: AIOKafkaConsumer, tps: list[TopicPartition], end: dict[TopicPartition, int]
     ) -> bool:
-        """True while some partition has not been read up to its end offset at start."""
+        """True while some partition has not been read up to its end.
+
+        The end is the larger of the end offset listed at start and the high watermark of
+        the latest fetch: the embedded broker lists the first offset of the last producer
+        batch + 1 as the end, which would hide the rest of that batch (a recovered
+        sidecar must see every still-valid command).
+        """
         for tp in tps:
-            if await consumer.position(tp) < end[tp]:
+            real_end = max(end[tp], consumer.highwater(tp) or 0)
+            if await consumer.position(tp) < real_end:
                 return True
         return False
 

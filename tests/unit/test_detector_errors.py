@@ -70,3 +70,47 @@ def test_finding_carries_evidence_and_version_mix() -> None:
     assert f.evidence["windows"] and f.evidence["p_value"] < 1e-7
     assert f.id == f"svc|/r||errors|{f.window_start:.3f}"
     assert f.severity in ("minor", "major", "critical")
+
+
+def low_volume_burst_delay(seed: int) -> tuple[int | None, float]:
+    """A 0.3 % -> 20 % error burst at ~7 requests per window (the simulator's error-burst
+    at a tenth of its default traffic): (windows to the finding, baseline after 30)."""
+    rng = np.random.default_rng(seed)
+    det = SeriesDetector("svc|/r|")
+    for i in range(300):
+        assert det.update(window(rng, T0 + i, rate=7.0, err=0.003)) == []
+    errors = det._detectors["errors"]
+    first = None
+    for j in range(1, 31):
+        found = det.update(window(rng, T0 + 300 + j, rate=7.0, err=0.2))
+        if first is None and any(f.signal == "errors" for f in found):
+            first = j
+    return first, errors.baseline_rate()  # type: ignore[attr-defined]
+
+
+def test_low_volume_burst_is_not_learned_before_it_is_flagged() -> None:
+    # Before the learning guard the baseline climbed from 1 % to ~5 % while every window
+    # of the burst was still below the threshold, and the burst was never flagged.
+    results = [low_volume_burst_delay(seed) for seed in range(20)]
+    delays = [d for d, _ in results]
+    assert None not in delays, delays
+    assert float(np.percentile(delays, 90)) <= 15
+    assert max(rate for _, rate in results) < 0.02
+
+
+def test_guard_keeps_learning_a_clean_baseline() -> None:
+    """A clean series is almost never suspicious: with and without the guard, the
+    baseline of a noisy 5 % series (40 requests per window) tracks the same rate."""
+    rng = np.random.default_rng(5)
+    guarded, plain = ErrorRateDetector(), ErrorRateDetector(guard_surprise=float("inf"))
+    samples: list[tuple[float, float]] = []
+    for i in range(6000):
+        x = {"count": 40, "errors": int(rng.binomial(40, 0.05))}
+        guarded.learn_one(x)
+        plain.learn_one(x)
+        if i >= 1000 and i % 50 == 0:
+            samples.append((guarded.baseline_rate(), plain.baseline_rate()))
+    mean_guarded = float(np.mean([g for g, _ in samples]))
+    mean_plain = float(np.mean([p for _, p in samples]))
+    assert abs(mean_plain - 0.05) < 0.003
+    assert abs(mean_guarded - mean_plain) < 0.002, (mean_guarded, mean_plain)
