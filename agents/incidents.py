@@ -16,10 +16,10 @@ to that offset, so a killed worker resumes exactly where its state was: it neith
 forgets an open incident nor skips an input. Everything after the snapshot is replayed,
 and replay is deterministic: the models are event-time driven, ``now`` is the event
 clock (the latest ``window_start`` / change ``ts`` seen, in input order) and the models
-step after every input that advances the clock or is not a window, so batch boundaries
-do not matter. Replayed timeline entries and commands therefore carry the same ids
-and the same content; ids already on stanch.incidents / stanch.commands after the
-snapshot's output offsets are not published again.
+step after every input that advances the clock, is not a window, or changed an
+incident, so batch boundaries do not matter. Replayed timeline entries and commands
+therefore carry the same ids and the same content; ids already on stanch.incidents /
+stanch.commands after the snapshot's output offsets are not published again.
 
 Idle clock: when no input arrives at all (every producer is down), the decider's
 timer publishes ``tick`` inputs; after ``IDLE_AFTER_S`` of wall time without data the
@@ -178,20 +178,21 @@ class DecisionEngine:
         except orjson.JSONDecodeError as exc:
             out.rejected.append((f"not JSON: {exc}", "not json"))
             return out
-        items = parsed if isinstance(parsed, list) else [parsed]
-        for item in items:
+        batch = isinstance(parsed, list)
+        for i, item in enumerate(parsed if batch else [parsed]):
+            what = f"{kind}[{i}]" if batch else kind  # which item of a batch was bad
             try:
                 self._one(kind, item, wall_ts, out)
             except SchemaError as exc:
-                out.rejected.append((f"{kind}: {exc}", "schema"))
+                out.rejected.append((f"{what}: {exc}", "schema"))
             except (IncidentInputError, ValueError, TypeError, KeyError) as exc:
-                out.rejected.append((f"{kind}: {exc}", "input"))
+                out.rejected.append((f"{what}: {exc}", "input"))
             except Exception as exc:
                 # A model bug on one odd record must not stop the one decision-maker of
                 # the cluster (and, being replayed after a restart, stop it for good):
                 # the record is dead-lettered with the error and the next one is read.
-                log.exception("incident decider: %s input failed", kind)
-                out.rejected.append((f"{kind}: internal error {type(exc).__name__}: {exc}",
+                log.exception("incident decider: %s input failed", what)
+                out.rejected.append((f"{what}: internal error {type(exc).__name__}: {exc}",
                                      "internal"))
         return out
 
@@ -215,6 +216,7 @@ class DecisionEngine:
             self.last_data_wall = wall_ts
             self.last_data_clock = self.clock
         now = self.clock
+        produced = len(out.entries)
         if kind == "anomaly":
             out.entries += book.on_anomaly(record, now)
         elif kind == "window":
@@ -227,7 +229,11 @@ class DecisionEngine:
             if self.mitigator is None:
                 raise ValueError("control message but the mitigation agent is not registered")
             out.controls.append(self.mitigator.apply_control(record, now))
-        if kind != "window" or advanced:
+        # A window steps the models when it moves the clock, or when it changed an
+        # incident (e.g. it confirmed a suspect change): windows trailing the clock (the
+        # decider merges topics, and anomalies often run ahead) must not leave a ready
+        # decision waiting for the next input, which may be an idle tick seconds later.
+        if kind != "window" or advanced or len(out.entries) > produced:
             self._step(out)
 
     def _idle_tick(self, item: Any, out: Output) -> None:

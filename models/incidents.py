@@ -197,6 +197,14 @@ class IncidentBook:
         self._callers: dict[str, dict[str, float]] = {}  # dep -> caller -> last window
         self._known: dict[str, float] = {}  # service -> last seen (window or anomaly)
         self._windows_seen: dict[str, int] = {}  # service -> windows seen (gap detection)
+        # Telemetry presence, for the telemetry-gap rule: only a service's OWN windows
+        # say its telemetry arrives (an anomaly of a caller on calls to it does not), and
+        # silence is measured on the clock of the windows themselves, not on `now`: the
+        # decider merges topics, and anomalies (or changes) may run ahead of the windows
+        # in its input (a backlog being forwarded, a detector on another partition), so
+        # `now` minus a service's last window is not silence (see _gap_clock).
+        self._last_window: dict[str, float] = {}  # service -> newest own window_start
+        self._window_clock = -math.inf  # newest window_start of any window (or on_idle)
         self._clock = 0.0
 
     # ---- queries -----------------------------------------------------------------
@@ -462,6 +470,8 @@ class IncidentBook:
         at = ws if now is None else now
         self._clock = max(self._clock, at)
         self._known[svc] = max(self._known.get(svc, ws), ws)
+        self._last_window[svc] = max(self._last_window.get(svc, ws), ws)
+        self._window_clock = max(self._window_clock, ws)
         self._windows_seen[svc] = self._windows_seen.get(svc, 0) + 1
         try:
             self.changes.add_window(window)
@@ -507,27 +517,37 @@ class IncidentBook:
                     inc.id, now, f"not recovered after {limit:g} s of automation"))
         gap = self.policy.incidents.telemetry_gap_s
         if gap > 0:
-            for svc, last in sorted(self._known.items()):
+            ref = min(now, self._window_clock)
+            for svc, last in sorted(self._last_window.items()):
                 if (self._windows_seen.get(svc, 0) >= self.policy.incidents.gap_min_windows
-                        and now - last >= gap and not self._has_gap_incident(svc)):
-                    entries.extend(self._open_gap_incident(svc, last, now))
+                        and ref - last >= gap and not self._has_gap_incident(svc)):
+                    entries.extend(self._open_gap_incident(svc, last, ref, now))
         self._evict()
         return [e for e in entries if e is not None]
 
+    def on_idle(self, now: float) -> None:
+        """No input at all arrives (every producer or the pipeline is down) and the
+        caller moves the event clock on by itself: the windows' clock follows, so the
+        silence of every service that used to send windows counts as a gap."""
+        self._clock = max(self._clock, now)
+        self._window_clock = max(self._window_clock, now)
+
     def _has_gap_incident(self, svc: str) -> bool:
+        """A gap incident already covers the current silence (its windows did not
+        come back since)."""
         return any(i.root_service == svc and i.reason.startswith("telemetry gap")
                    and (i.active or i.state == "escalated")
-                   and i.last_any_ws >= self._known.get(svc, 0.0)
+                   and i.last_any_ws >= self._last_window.get(svc, 0.0)
                    for i in self._incidents.values())
 
-    def _open_gap_incident(self, svc: str, last: float,
+    def _open_gap_incident(self, svc: str, last: float, ref: float,
                            now: float) -> list[TimelineEntry | None]:
         entries: list[TimelineEntry | None] = []
         a = {"window_start": last, "signal": "telemetry", "series": f"{svc}||"}
         inc = self._open(svc, a, now, entries)
         inc.last_any_ws = last
         entries.append(self.escalate(inc.id, now, f"telemetry gap: no windows from {svc} "
-                                                  f"for {now - last:g} s"))
+                                                  f"for {ref - last:g} s"))
         return entries
 
     # ---- lifecycle -----------------------------------------------------------------
@@ -618,6 +638,8 @@ class IncidentBook:
             "callers": {d: dict(c) for d, c in self._callers.items()},
             "known": dict(self._known),
             "windows_seen": dict(self._windows_seen),
+            "last_window": dict(self._last_window),
+            "window_clock": self._window_clock if math.isfinite(self._window_clock) else None,
             "clock": self._clock,
             "changes": self.changes.to_state(),
         }
@@ -632,6 +654,10 @@ class IncidentBook:
         book._callers = {k: dict(v) for k, v in d.get("callers", {}).items()}
         book._known = dict(d.get("known", {}))
         book._windows_seen = dict(d.get("windows_seen", {}))
+        # snapshots from before the split: `known` is the best guess of presence
+        book._last_window = dict(d.get("last_window", d.get("known", {})))
+        wc = d.get("window_clock", max(book._last_window.values(), default=None))
+        book._window_clock = float(wc) if wc is not None else -math.inf
         book._clock = float(d.get("clock", 0.0))
         book.changes.load_state(d.get("changes", {}))
         return book

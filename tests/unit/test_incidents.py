@@ -328,3 +328,71 @@ def test_closed_incidents_are_evicted_beyond_the_bound() -> None:
         feed(book, [anomaly(f"svc{i}", 10.0 * i)])
         book.resolve(book.open_incidents()[0].id, 10.0 * i + 1, "ok")
     assert len(book.incidents()) == 3
+
+
+# ---- telemetry gaps: presence is a service's own windows, on the windows' clock ------
+FLEET = ("gateway", "checkout", "inventory", "search")
+
+
+def _healthy(book: IncidentBook, t: float, skip: tuple[str, ...] = ()) -> list[TimelineEntry]:
+    out: list[TimelineEntry] = []
+    for s in FLEET:
+        if s not in skip:
+            out += book.on_window(window(s, t), t)
+    return out + book.tick(t)
+
+
+def _gaps(book: IncidentBook) -> list[str]:
+    return sorted(i.root_service for i in book.incidents()
+                  if i.reason.startswith("telemetry gap"))
+
+
+def test_callers_failing_on_a_silent_dependency_do_not_hide_its_silence() -> None:
+    """Callers' anomalies on calls to inventory say nothing about inventory's own
+    telemetry: they used to refresh its 'last seen' time, so a silent inventory whose
+    callers kept reporting errors on it was never declared a gap (flaky escalation)."""
+    book = IncidentBook()
+    for t in range(0, 60):
+        _healthy(book, float(t))
+    for t in range(60, 90):
+        t = float(t)
+        book.on_window(window("checkout", t), t)  # inventory: no windows from here on
+        book.on_anomaly(anomaly("checkout", t, route="/stock", dep="inventory"), t)
+        book.on_anomaly(anomaly("gateway", t, route="/stock", dep="inventory"), t)
+        _healthy(book, t, skip=("inventory", "checkout"))
+    assert _gaps(book) == ["inventory"]
+    (gap,) = [i for i in book.incidents() if i.reason.startswith("telemetry gap")]
+    assert gap.state == "escalated" and gap.opened_at == 74.0
+
+
+def test_anomalies_running_ahead_of_windows_are_not_a_telemetry_gap() -> None:
+    """The decider merges topics: a backlog of windows may be forwarded after anomalies
+    of later seconds. Silence is measured on the windows' own clock, so the fleet's
+    windows lagging the anomaly clock is not a gap for every service (nor a storm)."""
+    book = IncidentBook()
+    for t in range(0, 40):
+        _healthy(book, float(t))
+    for t in range(60, 90):  # anomalies first, the clock jumps ahead of the windows
+        book.on_anomaly(anomaly("search", float(t)), float(t))
+        book.tick(float(t))
+    for t in range(40, 90):  # then the windows backlog arrives
+        _healthy(book, float(t))
+    assert _gaps(book) == []
+    assert not book.storm_status(90.0)[0]
+
+
+def test_a_silent_service_is_a_gap_on_the_windows_clock_and_idle_counts() -> None:
+    book = IncidentBook()
+    for t in range(0, 40):
+        _healthy(book, float(t))
+    for t in range(40, 54):
+        _healthy(book, float(t), skip=("search",))
+    assert _gaps(book) == [], "14 s of silence < telemetry_gap_s"
+    _healthy(book, 54.0, skip=("search",))
+    assert _gaps(book) == ["search"]
+    # no input at all: only the decider's idle clock moves, and then everyone is silent
+    book.on_idle(80.0)
+    book.tick(80.0)
+    assert _gaps(book) == sorted(FLEET)
+    again = IncidentBook.from_state(json.loads(json.dumps(book.to_state())), book.policy)
+    assert again.tick(81.0) == [], "one gap incident per silence, also after a restore"
