@@ -18,6 +18,9 @@ the whole design). What this module adds is the Kafka side of crash safety:
   partition the series key hashes to (Kafka's default murmur2 partitioner), so every
   series always reaches the same detector partition and one message carries many
   summaries (the detector pays Faust's per-message cost once per batch).
+* Every offset of a partition is aggregated exactly once, in order, whatever Faust
+  delivers: duplicates are not aggregated again, and a lost message (a jump in offsets)
+  makes the agent seek the partition back and re-read it (``_redelivered``, ``_gap``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import faust
 import orjson
 from aiokafka.partitioner import murmur2
+from faust.types import TP
 
 from agents.deadletter import DeadLetters
 from models.aggregation import CLOCK_SKEW, LATE, PartitionProgress, WindowAggregator
@@ -52,6 +56,11 @@ WINDOWS_PER_MESSAGE = 500
 #: A partition with no input for this long (wall clock) closes its finished windows.
 IDLE_FLUSH_S = 1.0
 _IDLE_TICK_S = 0.25
+#: A lost message is re-read by seeking back; the seek is retried after this long if
+#: what arrives still comes from before it, and a gap still there after SEEK_TRIES
+#: re-reads is taken as real.
+SEEK_RETRY_S = 5.0
+SEEK_TRIES = 2
 
 
 def windows_partition(series: str, partitions: int) -> int:
@@ -97,6 +106,15 @@ class _TpState:
     partition: int
     replay_until: int = -1  # offsets <= this were processed before a restart
     last_offset: int = -1
+    #: the offset the next message must have (-1: unknown). A fresh state expects the
+    #: stored ``resume`` offset at the latest: the oldest message an open window used.
+    expect: int = -1
+    #: while > -1: we asked the consumer to go back to this offset (a message was not
+    #: delivered) and drop what still arrives from before the seek
+    seek_to: int = -1
+    seek_high: int = -1
+    seek_at: float = 0.0
+    seek_tries: int = 0
     pending: deque[tuple[Any, int | None]] = field(default_factory=deque)
     finisher: asyncio.Future[None] | None = None  # the last delivery/ack step scheduled
     last_input: float = field(default_factory=time.monotonic)
@@ -142,6 +160,7 @@ class AggregationAgent:
             if stored:
                 self.agg.restore(key, PartitionProgress.from_dict(stored))
                 st.replay_until = int(stored.get("offset", -1))
+                st.expect = int(stored.get("resume", -1))
             else:
                 self.agg.drop(key)
             self.states[tp] = st
@@ -163,14 +182,14 @@ class AggregationAgent:
         async with self.lock:
             st = self._state(topic, partition)
             if offset <= st.last_offset:
-                # the consumer went back (a rebalance seeks to the committed offset):
-                # start this partition over from its stored progress, as after a restart
-                if st.finisher is not None:
-                    await asyncio.gather(st.finisher, return_exceptions=True)
-                del self.states[(topic, partition)]
-                st = self._state(topic, partition)
+                self._redelivered(stream, st, event, offset)
+                return
+            if offset > st.expect >= 0 and not self._gap(st, topic, partition, offset):
+                return  # dropped: it comes again after the seek back
             st.last_input = time.monotonic()
             st.last_offset = offset
+            st.expect = offset + 1
+            st.seek_to = -1
             # queued first: whatever happens below, the message is acked in offset order
             st.pending.append((event, None))
             self.stats["messages"] += 1
@@ -210,6 +229,71 @@ class AggregationAgent:
                         and (max_k is None or (closed is not None and max_k <= closed)))):
                 self._close(stream, st, windows, offset)
 
+    def _redelivered(self, stream: Any, st: _TpState, event: Any, offset: int) -> None:
+        """A message at or below the last offset this partition processed came again.
+
+        Either the consumer went back (a rebalance seeks to the committed offset, and
+        Faust forgets the acks it had not committed yet) or the fetcher delivered the
+        same record twice. Both are the same message: the state already holds its
+        events, so it is never aggregated again. (Starting the partition over from its
+        stored progress would be wrong for a duplicate: the messages between the oldest
+        unemitted one and the duplicate would not come again, and the windows they fed
+        would be lost or emitted with partial content.)
+
+        * Its original still waits in ``pending``: nothing to do, the original's ack (in
+          offset order, once its windows are delivered) covers this offset.
+        * Its original was released (acked, or being acked by the delivery chain): ack
+          this copy too, after the chain, so that after a rebalance Faust can commit past
+          it again. Acking an offset Faust already knows is a no-op.
+        """
+        pending = st.pending
+        if pending and offset >= pending[0][0].message.offset:
+            return
+        st.finisher = asyncio.ensure_future(
+            self._finish(stream, st, st.finisher, [], None, [event])
+        )
+
+    def _gap(self, st: _TpState, topic: str, partition: int, offset: int) -> bool:
+        """A message arrived beyond the next expected offset: True to aggregate it anyway
+        (the gap is real), False to drop it because the consumer is sent back.
+
+        The offsets of our input topics are contiguous, yet Faust's consumer can lose a
+        message on its way to the stream (seen around the seek it does when partitions
+        are assigned); Faust would then commit past it (it tolerates a one-offset hole in
+        the acks) and its windows would miss its events for good. So the partition is
+        sought back to the expected offset and what still arrives from before the seek is
+        dropped (not acked: it comes again). A gap still there after a re-read (e.g. the
+        control records of a transactional producer) is accepted.
+        """
+        now = time.monotonic()
+        if st.seek_to == st.expect:  # we already went back for this very offset
+            if offset > st.seek_high and now - st.seek_at < SEEK_RETRY_S:
+                st.seek_high = offset  # still in flight from before the seek
+                return False
+            if st.seek_tries >= SEEK_TRIES:
+                log.warning("aggregation: %s offsets %d..%d are not in the log; going on",
+                            st.key, st.expect, offset - 1)
+                st.seek_to = -1
+                return True
+        else:
+            st.seek_tries = 0
+        st.seek_tries += 1
+        st.seek_to, st.seek_high, st.seek_at = st.expect, offset, now
+        log.warning("aggregation: %s got offset %d, expected %d: seeking back", st.key,
+                    offset, st.expect)
+        target = st.expect
+
+        async def seek() -> None:
+            try:
+                consumer = self.app.consumer
+                rewind = getattr(consumer, "rewind", None)  # app.faust_app._Consumer
+                await (rewind or consumer.seek)(TP(topic, partition), target)
+            except Exception:  # retried when the next message shows the gap again
+                log.exception("aggregation: seeking %s back to %d failed", st.key, target)
+
+        asyncio.ensure_future(seek())
+        return False
+
     async def _reject(self, reason: str, record: Any, topic: str, partition: int,
                       offset: int, key: Any) -> None:
         if reason == LATE:
@@ -241,6 +325,9 @@ class AggregationAgent:
         if windows:
             prog = self.agg.progress(st.key).to_dict()
             prog["offset"] = max(offset, st.replay_until)
+            # where a restarted worker must start reading at the latest: the oldest
+            # message that contributed to a window still open
+            prog["resume"] = st.pending[0][0].message.offset if st.pending else offset + 1
             self.stats["windows"] += len(windows)
         st.finisher = asyncio.ensure_future(
             self._finish(stream, st, st.finisher, futures, prog, ready)
@@ -307,7 +394,7 @@ class AggregationAgent:
     @staticmethod
     def _replaying(st: _TpState) -> bool:
         """True while the partition has not yet re-read every message it had processed
-        before a restart or a seek back: those messages certainly exist, so the
+        before a restart: those messages certainly exist, so the
         partition is not idle whatever the clock says. (No high-water marks: the
         embedded broker's are not reliable enough to decide "nothing left to read".)"""
         return st.last_offset < st.replay_until
@@ -321,7 +408,7 @@ class AggregationAgent:
             for st in list(self.states.values()):
                 if not st.pending or now_mono - st.last_input < IDLE_FLUSH_S:
                     continue
-                if self._replaying(st):
+                if self._replaying(st) or st.seek_to >= 0:
                     continue  # not idle: replaying what was processed before a restart
                 windows = self.agg.close_idle(st.key, time.time())
                 self._close(stream, st, windows, st.last_offset)

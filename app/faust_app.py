@@ -35,8 +35,41 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class _Consumer(faust_aiokafka.Consumer):
+    """Faust's consumer with a seek back that really re-reads (``rewind``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: tp -> [offset to re-read from, highest offset dropped meanwhile]
+        self._rewinds: dict[Any, list[int]] = {}
+
     def _new_consumer_thread(self) -> _ConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def rewind(self, tp: Any, offset: int) -> None:
+        """Seek ``tp`` back to ``offset`` and drop what was fetched before the seek.
+
+        A plain ``seek`` is not enough: Faust's fetch loop goes on delivering the records
+        it had already fetched and sets its read offset to theirs, and then drops the
+        re-read records as "already read". So records of ``tp`` are held back here (before
+        that loop sees them) until the re-read starts, and the read offset is put back.
+        """
+        self._rewinds[tp] = [offset, -1]
+        await self.seek(tp, offset)
+
+    async def getmany(self, timeout: float) -> Any:
+        rewinds = self._rewinds
+        async for tp, message in super().getmany(timeout):
+            if rewinds:
+                r = rewinds.get(tp)
+                if r is not None:
+                    offset = message.offset
+                    if offset != r[0] and offset > r[1]:
+                        r[1] = offset  # fetched before the seek
+                        continue
+                    # the re-read (or, when r[0] is not there, the next record after it)
+                    del rewinds[tp]
+                    self._read_offset[tp] = offset
+            yield tp, message
 
 
 class _Transport(faust_aiokafka.Transport):
