@@ -22,17 +22,12 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from models.errors import ModelInputError
 from models.policy import RollbackPolicy
 
 
-class ChangeInputError(ValueError):
-    """A change or window that cannot be used: names the field, value and reason."""
-
-    def __init__(self, field: str, value: object, reason: str) -> None:
-        self.field = field
-        self.value = value
-        self.reason = reason
-        super().__init__(f"{field}={value!r}: {reason}")
+class ChangeInputError(ModelInputError):
+    """A change or window the change log cannot use."""
 
 
 def _req_str(d: dict, key: str) -> str:

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from models.changes import Change, ChangeInputError, ChangeLog
+from models.errors import ModelInputError
 from models.policy import Policy
 
 STATES: tuple[str, ...] = ("open", "mitigating", "monitoring", "resolved", "escalated")
@@ -46,14 +47,8 @@ MAX_SIGNALS = 256
 SEEN_IDS = 20_000
 
 
-class IncidentInputError(ValueError):
-    """An input record that cannot be used: names the field, value and reason."""
-
-    def __init__(self, field: str, value: object, reason: str) -> None:
-        self.field = field
-        self.value = value
-        self.reason = reason
-        super().__init__(f"{field}={value!r}: {reason}")
+class IncidentInputError(ModelInputError):
+    """An anomaly, change or window the incident book cannot use."""
 
 
 @dataclass(frozen=True)

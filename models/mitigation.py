@@ -50,6 +50,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from models.errors import ModelInputError
 from models.incidents import Incident, IncidentBook, TimelineEntry
 from models.policy import Policy
 
@@ -57,14 +58,8 @@ CONTROL_ACTIONS = ("approve", "pause", "resume", "dry_run_on", "dry_run_off")
 LEASED_KINDS = ("throttle", "isolate", "shed")
 
 
-class MitigationInputError(ValueError):
-    """A control message that cannot be used: names the field, value and reason."""
-
-    def __init__(self, field: str, value: object, reason: str) -> None:
-        self.field = field
-        self.value = value
-        self.reason = reason
-        super().__init__(f"{field}={value!r}: {reason}")
+class MitigationInputError(ModelInputError):
+    """A control message the mitigator cannot use."""
 
 
 @dataclass(frozen=True)
