@@ -439,7 +439,7 @@ def register(app: StanchApp) -> AggregationAgent:
     async def idle_flush() -> None:
         await state.flush_idle(current["stream"])
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode's signal typing
     async def on_assigned(app: Any, assigned: Any, **_: Any) -> None:
         # Partitions we keep through a rebalance keep their state: Faust does not deliver
         # again what it already read. Partitions we lost are forgotten; their new owner

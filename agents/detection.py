@@ -214,7 +214,7 @@ class DetectionAgent:
         if self.newest_window_start == -math.inf:
             return 0
         horizon = self.newest_window_start - self.settings.series_ttl_s
-        expired = []
+        expired: list[tuple[Any, int | None]] = []
         for key, value in list(self.table.data.items()):
             try:
                 if last_window_start(value) < horizon:

@@ -39,6 +39,7 @@ traffic wobble; the diurnal curve is evaluated once per chunk).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -105,6 +106,10 @@ class _GapWatch:
             for entry in self.book.tick(self.clock):
                 if entry.reason.startswith("telemetry gap"):
                     self.gaps.append((entry.root_service or entry.service, entry.at))
+
+
+def _close_idle_at(agg: WindowAggregator, partition: Any, *, now: float) -> list[dict[str, Any]]:
+    return agg.close_idle(partition, now)
 
 
 def run_pipeline(config: FleetConfig, scenario_name: str, *, seed: int, duration_s: float,
@@ -177,7 +182,7 @@ def run_pipeline(config: FleetConfig, scenario_name: str, *, seed: int, duration
         ready = closed(touched, agg.close_ready)
         # the idle flush, on simulated time (the live agent's wall clock at speed 1)
         idle = [p for p, at in last_input.items() if t1 - at >= IDLE_FLUSH_S]
-        ready += closed(idle, lambda p, now=t1: agg.close_idle(p, now))
+        ready += closed(idle, functools.partial(_close_idle_at, agg, now=t1))
         ready.sort(key=lambda s: s["window_start"])
         detect(ready)
         t = t1

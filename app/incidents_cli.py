@@ -282,7 +282,7 @@ def plot_incident(view: IncidentView, windows: list[dict[str, Any]],
         ax.set_ylabel(_UNITS.get(signal, signal), fontsize=8)
         ax.set_title(f"{series} {signal}", fontsize=9, loc="left")
         ax.grid(alpha=0.3)
-    handles = {}
+    handles: dict[str, Any] = {}
     for ax in axes[:, 0]:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)

@@ -404,7 +404,7 @@ class WindowAggregator:
         elif sketch["bins"] or sketch["zero_count"]:
             p = sk.quantiles(sketch, QUANTILES)
         else:  # pre-aggregated counts without a sketch: keep what the service said
-            p = [max((g[i] for g in acc.given_p if g[i] is not None), default=0.0)
+            p = [max((float(v) for g in acc.given_p if (v := g[i]) is not None), default=0.0)
                  for i in range(3)]
         summary: dict[str, Any] = {
             "service": acc.service,
