@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from app.demo import DemoError, _Enforcer, _Worker
+from app.demo import DemoError, _Enforcer, start_worker
 from app.settings import Settings, load_settings
 
 SCENARIOS = ("bad-deploy", "traffic-surge")
@@ -129,9 +129,8 @@ def run_bench(runs: int = 3, out: Any = None) -> dict[str, Any]:
                     "window_s": 1.0, "web_port": free_port(), "signing_key_file": None,
                     "trusted_keys_dir": None})
                 asyncio.run(ensure_topics(settings))
-                worker = _Worker(settings, work / f"{run_id}.log")
+                worker = start_worker(settings, work / f"{run_id}.log")
                 try:
-                    worker.wait_for("incident decider: assigned", timeout=120)
                     value = asyncio.run(_one_run(settings, scenario, seed,
                                                  local_keys_dir(settings)))
                 finally:

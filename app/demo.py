@@ -24,12 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import queue
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from bisect import bisect_left
@@ -41,6 +37,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from app.processes import ProcessRunner, settings_env
 from app.settings import Settings, load_settings
 
 SCENARIOS = ("bad-deploy", "traffic-surge", "dependency-failure", "latency-spike",
@@ -53,61 +50,23 @@ DEFAULT_AFTER_ONSET_S = 150.0
 TICK_S = 0.5
 
 
+def start_worker(settings: Settings, log_path: Path) -> ProcessRunner:
+    """``stanch worker`` as a child process, returned once its incident decider is ready."""
+    worker = ProcessRunner([sys.executable, "-m", "app.cli", "worker"],
+                           settings_env(settings), log_path)
+    try:
+        worker.wait_for("incident decider: assigned", timeout=120)
+    except TimeoutError:
+        worker.stop()
+        raise DemoError(f"the worker did not start; see {log_path}") from None
+    return worker
+
+
 class DemoError(RuntimeError):
     """The demo could not run (broker, worker or simulator failed)."""
 
 
 # --------------------------------------------------------------------------- processes
-class _Worker:
-    """``python -m app.cli worker`` with the demo's settings; output collected."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STANCH_")}
-        for name, value in settings.model_dump(exclude_none=True).items():
-            env[f"STANCH_{name.upper()}"] = str(value)
-        env["PYTHONUNBUFFERED"] = "1"
-        self.log_path = log_path
-        self.lines: queue.Queue[str] = queue.Queue()
-        self._log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._log.write(line)
-            self._log.flush()
-            self.lines.put(line)
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if text in self.lines.get(timeout=0.2):
-                    return
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-        raise DemoError(f"worker did not log {text!r} within {timeout:.0f} s; see "
-                        f"{self.log_path}")
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-
-
 # --------------------------------------------------------------------------- the loop
 @dataclass
 class _Clock:
@@ -196,45 +155,26 @@ async def _watch(settings: Settings, seen: _Seen, say: Callable[[str], None],
 
 
 class _Enforcer:
-    """Plays the sidecars for the simulated fleet: verify, apply, ack."""
+    """Plays the sidecars for the simulated fleet: verify, apply, ack (the simulator's
+    command feed reads the topic; this adds what a sidecar adds)."""
 
     def __init__(self, settings: Settings, keys_dir: Path) -> None:
+        from app.simulate import CommandFeed
         from schemas.signing import KeyRing
 
         self.settings = settings
         self.ring = KeyRing.from_dir(keys_dir)
-        self.queue: list[dict[str, Any]] = []
+        self.feed = CommandFeed(settings)
         self.applied = 0
         self.rejected = 0
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        topic = self.settings.topic("commands")
-        self._consumer = AIOKafkaConsumer(**self.settings.aiokafka_kwargs(), group_id=None,
-                                          fetch_max_wait_ms=self.settings.fetch_max_wait_ms)
-        await self._consumer.start()
-        tps = [TopicPartition(topic, p)
-               for p in sorted(self._consumer.partitions_for_topic(topic) or [])]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        while True:
-            for records in (await self._consumer.getmany(timeout_ms=200)).values():
-                for r in records:
-                    with contextlib.suppress(orjson.JSONDecodeError):
-                        value = orjson.loads(r.value or b"")
-                        if isinstance(value, dict):
-                            self.queue.append(value)
+        await self.feed.start()
 
     async def apply(self, fleet: Any, now: float, producer: AIOKafkaProducer) -> None:
         from schemas.signing import SigningError
 
-        taken, self.queue = self.queue, []
-        for command in taken:
+        for command in self.feed.take():
             try:
                 self.ring.verify(command)
                 result = fleet.apply_command(command, now=now)
@@ -250,12 +190,7 @@ class _Enforcer:
                                 key=ack["service"].encode())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self.feed.stop()
 
 
 def _ingress_errors(output: Any) -> tuple[int, int]:
@@ -419,9 +354,8 @@ def run_demo(scenario: str = "bad-deploy", *, seed: int = 1, speed: float = DEFA
             "app_id": f"stanch-demo-{run_id}", "data_dir": work / "data",
             "web_port": free_port(), "signing_key_file": None, "trusted_keys_dir": None})
         asyncio.run(ensure_topics(settings))
-        worker = _Worker(settings, work / "worker.log")
         printer(f"starting the worker (log {work / 'worker.log'}) ...")
-        worker.wait_for("incident decider: assigned", timeout=120)
+        worker = start_worker(settings, work / "worker.log")
         from agents.mitigation import local_keys_dir
 
         after = after_onset_s if after_onset_s is not None else \

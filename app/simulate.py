@@ -125,7 +125,7 @@ async def _publish_output(publisher: _Publisher, settings: Settings, output: Fle
                              orjson.dumps(change), "changes", 1)
 
 
-class _CommandFeed:
+class CommandFeed:
     """Background consumer of the commands topic. Commands are queued and applied by
     the run loop at tick boundaries, so the fleet is only ever touched by one task.
     Bad messages are logged and counted, never fatal (the sidecar verifies
@@ -248,7 +248,7 @@ async def run_simulation(
         **settings.aiokafka_kwargs(), linger_ms=5, max_batch_size=1 << 20,
         max_request_size=8 << 20, acks=1, compression_type=compression)
     await producer.start()
-    feed = _CommandFeed(settings) if command_source else None
+    feed = CommandFeed(settings) if command_source else None
     labels_file = None
     try:
         if feed is not None:
