@@ -23,6 +23,12 @@ is -log10 p when z >= ``z_min`` (smaller single deviations are never anomalies).
 outside what this series usually does is then surprising, while a series whose spikes are
 routine learns that they are. The histogram remembers ~1/(1-decay) windows, so this
 surprise is at most ~log10 of that (3.3 by default): the gauge threshold has its own scale.
+The z of the first ``calibrate_after`` windows does not enter the histogram: against a
+variance estimated from a handful of values it is noise (the second value of a gauge is
+thousands of "sd" from the first), and those z, forgotten only at ``decay``, would sit in
+the tail for ~1,000 windows. A real spike of similar size then looks ordinary, and the
+routine spikes of the first days score below ``recur_mark``, so the recurrence guard never
+learns that they recur (on NAB: the daily cron spikes of two ec2_cpu_utilization files).
 
 **Likelihood path** (Numenta's anomaly likelihood, Ahmad et al. 2017, "Unsupervised
 real-time anomaly detection for streaming data", on our z instead of HTM's raw score): a
@@ -96,6 +102,8 @@ class MetricDetector(Detector):
         Per-window forgetting factor of the z histogram.
     prior
         Pseudo-count added to the tail (a z never seen is not infinitely surprising).
+    calibrate_after
+        Windows learned before a z enters the histogram (the variance is immature).
     z_min
         Deviations below this many (weighted) standard deviations score 0.
     season_buckets, alpha_season, alpha_resid, season_weight
@@ -111,8 +119,8 @@ class MetricDetector(Detector):
         the factor applied to a routine window's surprise (``recur_mark`` 0: off).
     """
 
-    _params = ("name", "alpha", "decay", "prior", "z_min", "season_buckets", "alpha_season",
-               "alpha_resid", "season_weight", "z_cap", "alpha_short", "alpha_long",
+    _params = ("name", "alpha", "decay", "prior", "calibrate_after", "z_min", "season_buckets",
+               "alpha_season", "alpha_resid", "season_weight", "z_cap", "alpha_short", "alpha_long",
                "short_min", "likelihood_weight", "recur_mark", "recur_days", "recur_factor")
 
     def __init__(
@@ -121,6 +129,7 @@ class MetricDetector(Detector):
         alpha: float = 0.005,
         decay: float = 0.999,
         prior: float = 0.5,
+        calibrate_after: int = 20,
         z_min: float = 5.0,
         season_buckets: int = 16,
         alpha_season: float = 0.02,
@@ -137,6 +146,8 @@ class MetricDetector(Detector):
     ) -> None:
         if not 1 <= season_buckets <= 48:
             raise ValueError(f"season_buckets={season_buckets!r}: need 1..48")
+        if calibrate_after < 1:
+            raise ValueError(f"calibrate_after={calibrate_after!r}: need >= 1")
         if recur_days < 1 or (recur_days + 1) * season_buckets > _MASK_BITS:
             raise ValueError(f"recur_days={recur_days!r}: need 1 <= (recur_days + 1) * "
                              f"season_buckets <= {_MASK_BITS} (one float holds the marks)")
@@ -144,6 +155,7 @@ class MetricDetector(Detector):
         self.alpha = alpha
         self.decay = decay
         self.prior = prior
+        self.calibrate_after = calibrate_after
         self.z_min = z_min
         self.season_buckets = season_buckets
         self.alpha_season = alpha_season
@@ -188,8 +200,9 @@ class MetricDetector(Detector):
         return int(start // (_DAY_S / b)) % b
 
     def _total(self) -> float:
-        """Forgotten count of learned z values: every learn after the first adds 1."""
-        k = max(self._n - 1, 0)
+        """Forgotten count of learned z values: every learn from the ``calibrate_after``-th
+        on adds 1 (the first learn only sets the mean)."""
+        k = max(self._n - self.calibrate_after, 0)
         d = self.decay
         return float(k) if d >= 1.0 else (1.0 - d ** k) / (1.0 - d)
 
@@ -321,10 +334,11 @@ class MetricDetector(Detector):
         self._short = self._short_next(z)
         self._long_mean, self._long_var = ew_update(self._long_mean, self._long_var,
                                                     self._short, self.alpha_long)
-        d = self.decay
-        self._hist = [c * d for c in self._hist]
-        if z >= Z_EDGES[0]:
-            self._hist[bisect.bisect_right(Z_EDGES, z) - 1] += 1.0
+        if self._n >= self.calibrate_after:
+            d = self.decay
+            self._hist = [c * d for c in self._hist]
+            if z >= Z_EDGES[0]:
+                self._hist[bisect.bisect_right(Z_EDGES, z) - 1] += 1.0
         if b is not None:
             if not self._seen >> b & 1:
                 self._levels[b] = self._mean

@@ -136,3 +136,27 @@ def test_recurrence_marks_round_trip_and_bound() -> None:
     assert clone.to_state() == det.to_state()
     with pytest.raises(ValueError, match="recur_days"):
         MetricDetector(season_buckets=16, recur_days=3)
+
+
+def test_start_up_z_does_not_enter_the_calibration() -> None:
+    # The first windows' z is measured against a variance of a few values (the second
+    # value is "thousands of sd" from the first). Kept in the histogram, those z would
+    # sit in its top bins for ~1,000 windows, so the first genuine spike of that size
+    # would look as if it had happened before.
+    rng = np.random.default_rng(11)
+    values = 10 + rng.standard_normal(600)
+    det, old = MetricDetector(), MetricDetector(calibrate_after=1)
+    feed(det, values)
+    feed(old, values)
+    assert sum(old._hist) > sum(det._hist)  # the start-up z of the old rule
+    total = det._total()
+    assert total == pytest.approx((1 - 0.999 ** (600 - 20)) / 0.001)
+    z = det._zs(59.0, None)[0]
+    assert 50.0 <= z < 55.0  # a size this series has never shown (top bin)
+    # tail path: never seen, so the tail is the prior alone and the surprise is the most
+    # this history allows; the old rule counted the start-up z as earlier spikes
+    tail_new, tail_old = det._surprises(z)[0], old._surprises(z)[0]
+    assert tail_new == pytest.approx(np.log10((total + 0.5) / 0.5))
+    assert tail_new > tail_old + 0.25
+    with pytest.raises(ValueError, match="calibrate_after"):
+        MetricDetector(calibrate_after=0)
