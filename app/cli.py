@@ -103,7 +103,7 @@ def sidecar(args: tuple[str, ...]) -> None:
               help="Simulated seconds per wall second.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def demo(scenario: str, seed: int, speed: float, as_json: bool) -> None:
-    """Broker + worker + simulated fleet: one scenario end to end, with a report."""
+    """Broker + worker + sidecars + simulated fleet: one scenario end to end, with a report."""
     from app.demo import demo_main
 
     sys.exit(demo_main(scenario, as_json, seed=seed, speed=speed))

@@ -1,44 +1,68 @@
 """``stanch demo``: the whole closed loop on one machine, one scenario end to end.
 
 What runs: the embedded broker on a free port (or STANCH_KAFKA_BOOTSTRAP when set), a
-``stanch worker`` subprocess (aggregation, detection, incidents, mitigation), and the
-simulated fleet (models.fleet) publishing its telemetry. The fleet obeys the commands
-it receives: the demo consumes stanch.commands, verifies each signature with the
-worker's public key like a sidecar does, applies the command to the fleet and
-publishes an ack on stanch.acks.
+``stanch worker`` subprocess (aggregation, detection, incidents, mitigation), one real
+``stanch sidecar`` subprocess per service of the simulated fleet, and the simulated
+fleet (models.fleet) publishing its telemetry. The demo generates the run's signing key
+pair first: the worker gets the private key (STANCH_SIGNING_KEY_FILE), the sidecars a
+directory holding only the public key (STANCH_TRUSTED_KEYS_DIR), so the sidecars start
+in parallel with the worker.
 
-Clocks: the fleet runs in simulated time, ``speed`` times faster than the wall clock,
-and starts far enough in the past that its clock never runs ahead of the wall clock
-(the aggregator rejects events from the future). Every figure in the summary is in
-SIMULATED seconds from the labelled onset of the injected incident: the moment
-Stanch acted is the wall time its record reached the broker, mapped to the simulated
-clock the fleet was at then.
+Enforcement goes only through the sidecars: each consumes stanch.commands, verifies,
+applies and acks like in production. The fleet model follows what they enforce: every
+tick the demo reads each sidecar's ``/_stanch/status`` and makes the fleet's active
+throttles, sheds and isolations equal to the sidecar's (a lease the sidecar lets lapse
+lapses in the fleet too). A rollback runs the sidecar's rollback hook, a webhook
+served by the demo that rolls the fleet model back; the hook's answer becomes the
+sidecar's ack. The demo's web host is also the sidecars' upstream.
+
+Clocks: the fleet runs in simulated time, ``speed`` times faster than the wall clock.
+Commands carry leases in the event time of the data (agents.mitigation), so the
+sidecars run the same simulated clock (``--clock-origin``/``--clock-speed``), fixed when
+they are launched and set back far enough that it stays behind the wall clock (the
+aggregator rejects events from the future); the fleet is paced by that clock. Every
+figure in the summary is in SIMULATED seconds from the labelled onset of the injected
+incident: the moment Stanch acted is the wall time its record reached the broker,
+mapped to the simulated clock the fleet was at then.
 
 errors_avoided: the same fleet (same seed, same scenario, same start) is replayed
 offline with no command applied (pure models.fleet, no Kafka), and the error
-responses (status >= 500 served by any service) are compared over the same simulated
+responses (status >= 500) served by any service are compared over the same simulated
 span. Requests refused by a throttle (429) are not counted as errors either way.
+
+``run_closed_loop`` without sidecars plays them in-process (``_Enforcer``): the scenario
+tests and ``stanch bench mitigate`` use that to keep their run time down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from app.processes import ProcessRunner, settings_env
 from app.settings import Settings, load_settings
+from app.sidecar.main import SimulatedClock
+
+if TYPE_CHECKING:
+    from models.fleet import Fleet, ServiceSpec
 
 SCENARIOS = ("bad-deploy", "traffic-surge", "dependency-failure", "latency-spike",
              "error-burst", "slow-degradation", "telemetry-gap", "clean")
@@ -48,6 +72,12 @@ DEFAULT_ONSET_S = 150.0  # after the detectors' 120-window warm-up
 AFTER_ONSET_S = {"bad-deploy": 120.0, "traffic-surge": 250.0, "dependency-failure": 220.0}
 DEFAULT_AFTER_ONSET_S = 150.0
 TICK_S = 0.5
+DEMO_KID = "stanch-demo"
+#: Longest start-up the sidecars' simulated clock allows for: start_worker waits up to
+#: 120 s, the sidecars' readiness up to SIDECAR_READY_S more.
+STARTUP_BUDGET_S = 180.0
+SIDECAR_READY_S = 60.0
+STATUS_TIMEOUT_S = 1.0
 
 
 def start_worker(settings: Settings, log_path: Path) -> ProcessRunner:
@@ -66,7 +96,356 @@ class DemoError(RuntimeError):
     """The demo could not run (broker, worker or simulator failed)."""
 
 
-# --------------------------------------------------------------------------- processes
+# --------------------------------------------------------------------------- sidecars
+def demo_keys(work: Path) -> tuple[Path, Path]:
+    """This run's signing key pair: (private key file, for the worker only; a directory
+    holding only the public key, for the sidecars). Made before anything starts so the
+    sidecars can start in parallel with the worker and already trust its key."""
+    from app.keys import generate_keypair
+
+    private, public = generate_keypair(work / "signing", DEMO_KID)
+    trusted = work / "trusted"
+    trusted.mkdir(parents=True, exist_ok=True)
+    public.replace(trusted / public.name)
+    return private, trusted
+
+
+def demo_clock(speed: float, duration_s: float, wall: float | None = None) -> SimulatedClock:
+    """The simulated clock of the sidecars and the fleet, fixed when the sidecars are
+    launched. It runs ``speed`` times faster than the wall clock while the worker starts,
+    so it starts far enough back to stay behind the wall clock until the end of the run
+    even if start-up takes the whole budget (the aggregator rejects future events)."""
+    if not (math.isfinite(speed) and speed > 0):
+        raise DemoError(f"speed={speed!r}: must be a number > 0")
+    wall = time.time() if wall is None else wall
+    lead = max(0.0, speed - 1.0) * STARTUP_BUDGET_S + duration_s + 10.0
+    return SimulatedClock(round(wall - lead, 3), wall, speed)
+
+
+@dataclass
+class SidecarProc:
+    """One running ``stanch sidecar`` and where to reach it."""
+
+    service: str
+    instance: str
+    ingress_port: int
+    admin_port: int
+    runner: ProcessRunner
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def ingress_url(self) -> str:
+        return f"http://127.0.0.1:{self.ingress_port}"
+
+
+class SidecarFleet:
+    """One real ``stanch sidecar`` process per service of the simulated fleet.
+
+    Each trusts only the worker's public key (STANCH_TRUSTED_KEYS_DIR), obeys the
+    commands of its service, runs rollbacks through its webhook hook (the demo's
+    ``/rollback/SERVICE``) and judges leases by the fleet's simulated clock. Its
+    upstream is the demo's web host (``/upstream/SERVICE``).
+    """
+
+    def __init__(self, settings: Settings, services: Sequence[ServiceSpec],
+                 clock: SimulatedClock, work: Path) -> None:
+        from app.broker import free_port
+
+        self.settings = settings
+        self.services = list(services)
+        self.clock = clock
+        self.work = work
+        self.procs: list[SidecarProc] = []
+        taken: set[int] = set()
+
+        def port() -> int:
+            while (p := free_port()) in taken:
+                pass
+            taken.add(p)
+            return p
+
+        self._port = port
+        self.host_port = port()  # the demo's web host: upstream + rollback webhook
+
+    @property
+    def host_url(self) -> str:
+        return f"http://127.0.0.1:{self.host_port}"
+
+    def launch(self) -> None:
+        """Start every sidecar without waiting (they come up while the worker starts)."""
+        env = settings_env(self.settings)
+        origin = f"{self.clock.sim_ts!r}@{self.clock.wall_ts!r}"
+        for spec in self.services:
+            ingress, admin = self._port(), self._port()
+            instance = f"{spec.name}-sidecar"
+            args = [sys.executable, "-m", "app.cli", "sidecar", "--service", spec.name,
+                    "--instance", instance, "--listen", f"127.0.0.1:{ingress}",
+                    "--admin-port", str(admin),
+                    "--upstream", f"{self.host_url}/upstream/{spec.name}",
+                    "--rollback-webhook", f"{self.host_url}/rollback/{spec.name}",
+                    "--rollback-timeout", "10",
+                    "--clock-origin", origin, "--clock-speed", repr(self.clock.speed)]
+            for route in spec.routes:
+                if "{" in route.path:
+                    args += ["--route-template", route.path]
+            runner = ProcessRunner(args, env, self.work / f"sidecar-{spec.name}.log")
+            self.procs.append(SidecarProc(spec.name, instance, ingress, admin, runner))
+
+    def wait_ready(self, timeout: float = SIDECAR_READY_S) -> float:
+        """Wait until every sidecar reads its commands; returns the seconds waited."""
+        start = time.monotonic()
+        waiting = list(self.procs)
+        while waiting:
+            for proc in list(waiting):
+                if proc.runner.proc.poll() is not None:
+                    raise DemoError(f"sidecar {proc.service} exited; see {proc.runner.log_path}")
+                if _health(proc.admin_url).get("commands_ready"):
+                    waiting.remove(proc)
+            if waiting and time.monotonic() - start > timeout:
+                names = ", ".join(p.service for p in waiting)
+                raise DemoError(f"sidecars not ready after {timeout:.0f} s: {names}; see "
+                                f"{self.work}/sidecar-*.log")
+            if waiting:
+                time.sleep(0.1)
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        """SIGTERM every sidecar at once (each drains its telemetry and closes Kafka)."""
+        if not self.procs:
+            return
+        with ThreadPoolExecutor(len(self.procs)) as pool:
+            list(pool.map(lambda p: p.runner.stop(), self.procs))
+
+
+def _health(admin_url: str) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(admin_url + "/_stanch/health", timeout=1.0) as resp:
+            value = orjson.loads(resp.read())
+    except (OSError, urllib.error.URLError, orjson.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _enforcement_key(e: dict[str, Any]) -> bytes:
+    """What makes an enforcement the same for the fleet: a ramp changes params."""
+    return orjson.dumps([e.get("kind"), e.get("target"), e.get("params"), e.get("expires_at")],
+                        option=orjson.OPT_SORT_KEYS)
+
+
+class FleetFollower:
+    """Makes the fleet model enforce what the sidecars report, service by service.
+
+    Pure (no I/O): given a sidecar's ``active`` list (``/_stanch/status``), followed per
+    (kind, key) like the sidecar's own table. A renewal (new command id, later lease)
+    or a ramp (new rate or share) replaces the fleet's command; a key the sidecar no
+    longer lists, or whose lease has passed, is lifted from the fleet: the sidecar is
+    the only source of truth, so a lease that lapses there lapses in the fleet.
+    """
+
+    def __init__(self) -> None:
+        # service -> (kind, key) -> (command id, what the fleet was given)
+        self.followed: dict[str, dict[tuple[str, str], tuple[str, bytes]]] = {}
+        self._shown: dict[tuple[str, str, str], str] = {}  # last params printed per key
+        self.changes = 0
+        self.rejected: list[str] = []
+
+    def follow(self, fleet: Fleet, service: str, active: Sequence[Any],
+               now: float) -> list[str]:
+        """Apply one sidecar's status at simulated time ``now``; returns what changed
+        (renewals stay quiet)."""
+        said: list[str] = []
+        wanted: dict[tuple[str, str], dict[str, Any]] = {}
+        for e in active:
+            if isinstance(e, dict) and isinstance(e.get("expires_at"), int | float) \
+                    and e["expires_at"] > now:
+                wanted[(str(e.get("kind")), str(e.get("key")))] = e
+        followed = self.followed.setdefault(service, {})
+        for slot, (cid, given) in list(followed.items()):
+            in_force = wanted.get(slot)
+            if in_force is not None and in_force.get("command_id") == cid \
+                    and _enforcement_key(in_force) == given:
+                continue
+            del followed[slot]
+            fleet.apply_command({"kind": "restore", "service": service, "target": cid,
+                                 "params": {}}, now=now)
+            if in_force is None:
+                self.changes += 1
+                self._shown.pop((service, *slot), None)
+                said.append(f"lifted {slot[0]} {slot[1]} (restored or lease ended)")
+        for slot, e in wanted.items():
+            if slot in followed:
+                continue
+            cid = str(e.get("command_id"))
+            followed[slot] = (cid, _enforcement_key(e))
+            command = {"id": cid, "kind": e.get("kind"), "service": service,
+                       "target": e.get("target"), "params": e.get("params") or {},
+                       "expires_at": e["expires_at"]}
+            result = fleet.apply_command(command, now=now)
+            if result.status != "applied":
+                self.rejected.append(f"{cid}: {result.reason}")
+            params = orjson.dumps(e.get("params") or {}).decode()
+            if self._shown.get((service, *slot)) != params or result.status != "applied":
+                self.changes += 1
+                said.append(f"enforces {slot[0]} {slot[1]} {params} (lease "
+                            f"{e['expires_at'] - now:.0f} s): fleet {result.status}")
+            self._shown[(service, *slot)] = params
+        return said
+
+
+class _SidecarBridge:
+    """The demo's side of the sidecars: their upstream, their rollback webhook, and the
+    fleet model following what they enforce (read from ``/_stanch/status`` every tick).
+
+    The fleet is only touched from the simulation's event loop (ticks and the webhook
+    handler run on it), so no lock is needed.
+    """
+
+    def __init__(self, sidecars: SidecarFleet, trusted_dir: Path, onset: float,
+                 say: Callable[[str], None]) -> None:
+        from schemas.signing import KeyRing
+
+        self.sidecars = sidecars
+        self.ring = KeyRing.from_dir(trusted_dir)
+        self.onset = onset
+        self.say = say
+        self.fleet: Fleet | None = None
+        self.follower = FleetFollower()
+        self.status: dict[str, dict[str, Any]] = {}
+        self.polls = 0
+        self.poll_failures = 0
+        self.rollbacks: list[dict[str, Any]] = []
+        self.max_clock_lag_s = 0.0
+        self._http: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/rollback/{service}", self._rollback)
+        app.router.add_route("*", "/upstream/{service}/{tail:.*}", self._upstream)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.sidecars.host_port).start()
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S))
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # ------------------------------------------------------------------ per tick
+    async def follow(self, fleet: Fleet, now: float) -> None:
+        """Read every sidecar's status and make the fleet enforce exactly that."""
+        self.fleet = fleet
+        await self.poll()
+        for proc in self.sidecars.procs:
+            status = self.status.get(proc.service)
+            if status is None:
+                continue
+            for line in self.follower.follow(fleet, proc.service, status.get("active") or [],
+                                             now):
+                self.say(f"[{self._rel(now)}] fleet: {proc.instance} {line}")
+
+    async def pace(self, next_end: float) -> None:
+        """Sleep until the sidecars' clock reaches ``next_end`` (the end of the next
+        tick), so no event is published before its time on that clock."""
+        clock = self.sidecars.clock
+        ahead = next_end - clock()
+        if ahead > 0:
+            await asyncio.sleep(ahead / clock.speed)
+        else:
+            self.max_clock_lag_s = max(self.max_clock_lag_s, -ahead)
+
+    async def poll(self) -> None:
+        results = await asyncio.gather(*(self._status(p) for p in self.sidecars.procs))
+        self.polls += 1
+        for proc, status in zip(self.sidecars.procs, results, strict=True):
+            if status is None:
+                self.poll_failures += 1  # keep the last known state; the fleet's own
+                continue                 # lease check still ends what lapses
+            self.status[proc.service] = status
+
+    async def _status(self, proc: SidecarProc) -> dict[str, Any] | None:
+        assert self._http is not None
+        try:
+            async with self._http.get(proc.admin_url + "/_stanch/status") as resp:
+                value = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _rel(self, sim: float) -> str:
+        return f"onset{(sim - self.onset):+6.1f}s"
+
+    # ------------------------------------------------------------------ web host
+    async def _rollback(self, request: web.Request) -> web.Response:
+        """The sidecars' rollback hook: roll the fleet model back. Answers 2xx only
+        when the fleet did it (the sidecar acks ``applied``), else an error status
+        with the reason (the sidecar acks ``failed``)."""
+        from schemas.signing import SigningError
+
+        service = request.match_info["service"]
+        try:
+            command = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return web.Response(status=400, text=f"not JSON: {exc}")
+        if not isinstance(command, dict) or command.get("kind") != "rollback" \
+                or command.get("service") != service:
+            return web.Response(status=400, text=f"not a rollback of {service}")
+        try:
+            self.ring.verify(command)  # defence in depth: a deploy tool checks too
+        except SigningError as exc:
+            return web.Response(status=403, text=str(exc))
+        if self.fleet is None:
+            return web.Response(status=503, text="the fleet is not running yet")
+        now = self.fleet.now
+        result = self.fleet.apply_command(command, now=now)
+        self.rollbacks.append({"command_id": command.get("id"), "service": service,
+                               "target": command.get("target"), "status": result.status,
+                               "reason": result.reason})
+        self.say(f"[{self._rel(now)}] fleet: rollback webhook from {service}-sidecar: "
+                 f"{result.status} ({result.reason})")
+        if result.status != "applied":
+            return web.Response(status=409, text=result.reason)
+        return web.Response(text=result.reason)
+
+    async def _upstream(self, request: web.Request) -> web.Response:
+        """The service behind every sidecar (the fleet's traffic itself is simulated)."""
+        await request.read()
+        return web.json_response({"service": request.match_info["service"],
+                                  "path": "/" + request.match_info["tail"]})
+
+    # ------------------------------------------------------------------ summary
+    def report(self, acks: list[dict[str, Any]]) -> dict[str, Any]:
+        instances = {p.instance for p in self.sidecars.procs}
+        by_instance: dict[str, int] = {}
+        for a in acks:
+            if a.get("instance") in instances:
+                by_instance[a["instance"]] = by_instance.get(a["instance"], 0) + 1
+        counted = {p.instance: dict(self.status.get(p.service, {}).get("commands") or {})
+                   for p in self.sidecars.procs}
+        return {
+            "ran": len(self.sidecars.procs),
+            "instances": sorted(instances),
+            "acks_sent": sum(by_instance.values()),
+            "acks_by_instance": by_instance,
+            "commands_by_instance": {k: {s: n for s, n in v.items() if n and s != "ignored"}
+                                     for k, v in counted.items()
+                                     if any(n for s, n in v.items() if s != "ignored")},
+            "rollbacks": self.rollbacks,
+            "fleet_changes_followed": self.follower.changes,
+            "fleet_rejected": self.follower.rejected,
+            "status_polls": self.polls,
+            "status_poll_failures": self.poll_failures,
+            "max_clock_lag_s": round(self.max_clock_lag_s, 2),
+        }
+
+
 # --------------------------------------------------------------------------- the loop
 @dataclass
 class _Clock:
@@ -149,14 +528,15 @@ async def _watch(settings: Settings, seen: _Seen, say: Callable[[str], None],
                     elif kind == "acks":
                         seen.acks.append(value)
                         say(f"[{rel}] ack {value.get('command_id')}: {value.get('status')} "
-                            f"({value.get('reason', '')[:80]})")
+                            f"by {value.get('instance')} ({value.get('reason', '')[:80]})")
     finally:
         await consumer.stop()
 
 
 class _Enforcer:
-    """Plays the sidecars for the simulated fleet: verify, apply, ack (the simulator's
-    command feed reads the topic; this adds what a sidecar adds)."""
+    """Plays the sidecars in-process for the simulated fleet: verify, apply, ack (the
+    simulator's command feed reads the topic; this adds what a sidecar adds). The demo
+    uses real sidecars; the scenario tests and ``stanch bench mitigate`` use this."""
 
     def __init__(self, settings: Settings, keys_dir: Path) -> None:
         from app.simulate import CommandFeed
@@ -249,17 +629,39 @@ def recovery_time(series: list[tuple[float, int, int]], onset: float,
 
 # --------------------------------------------------------------------------- the demo
 async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: float,
-                    onset_s: float, duration_s: float, keys_dir: Path,
-                    say: Callable[[str], None]) -> dict[str, Any]:
+                          onset_s: float, duration_s: float, keys_dir: Path,
+                          say: Callable[[str], None], *,
+                          sidecars: SidecarFleet | None = None) -> dict[str, Any]:
+    """Run the fleet through one scenario against a running worker; return the summary.
+
+    With ``sidecars`` (running, ready) enforcement goes through them and ``keys_dir`` is
+    their trusted (public) keys directory; without, ``_Enforcer`` plays them in-process
+    with the keys in ``keys_dir``.
+    """
     from app.simulate import Tick, run_simulation
 
-    start_ts = round(time.time() - duration_s - 5.0, 3)
+    enforcer: _Enforcer | None = None
+    bridge: _SidecarBridge | None = None
+    if sidecars is None:
+        start_ts = round(time.time() - duration_s - 5.0, 3)
+        sim_speed = speed  # run_simulation paces itself
+    else:
+        # The first tick ends at the sidecars' "now"; the fleet is paced by their clock.
+        start_ts = round(sidecars.clock() - TICK_S, 3)
+        if start_ts + duration_s > time.time() + duration_s / sidecars.clock.speed:
+            raise DemoError("start-up took longer than the sidecars' clock allows "
+                            f"({STARTUP_BUDGET_S:.0f} s)")
+        sim_speed = 0.0
     onset = start_ts + onset_s
     clock = _Clock()
     seen = _Seen()
     live: list[tuple[float, int, int]] = []
-    enforcer = _Enforcer(settings, keys_dir)
-    await enforcer.start()
+    if sidecars is None:
+        enforcer = _Enforcer(settings, keys_dir)
+        await enforcer.start()
+    else:
+        bridge = _SidecarBridge(sidecars, keys_dir, onset, say)
+        await bridge.start()
     producer = AIOKafkaProducer(**settings.aiokafka_kwargs(), linger_ms=2)
     await producer.start()
     watcher = asyncio.create_task(_watch(settings, seen, say, clock, onset))
@@ -269,26 +671,38 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
         clock.add(time.time(), tick.t1)
         errors, total = _ingress_errors(tick.output)
         live.append((tick.t0, errors, total))
-        await enforcer.apply(tick.fleet, tick.t1, producer)
+        if bridge is not None:
+            await bridge.follow(tick.fleet, tick.t1)
+        elif enforcer is not None:
+            await enforcer.apply(tick.fleet, tick.t1, producer)
         wall = time.monotonic()
         if wall - last_progress[0] >= 3.0:
             rate = (seen.windows - last_progress[1]) / max(1e-9, wall - last_progress[0]) \
                 if last_progress[0] else 0.0
             last_progress[:] = [wall, seen.windows]
+            enforcing = "" if bridge is None else ", enforcing " + str(sum(
+                len(s.get("active") or []) for s in bridge.status.values()))
             say(f"[onset{tick.t1 - onset:+6.1f}s] windows {seen.windows} ({rate:.0f}/s), "
                 f"anomalies {seen.anomalies}, commands {len(seen.commands)}, acks "
-                f"{len(seen.acks)}")
+                f"{len(seen.acks)}{enforcing}")
+        if bridge is not None:
+            await bridge.pace(tick.t1 + TICK_S)
 
     try:
         report = await run_simulation(settings, scenario, seed=seed, duration_s=duration_s,
-                                      speed=speed, on_tick=on_tick, start_ts=start_ts,
+                                      speed=sim_speed, on_tick=on_tick, start_ts=start_ts,
                                       onset_s=onset_s, create_topics=False)
         await asyncio.sleep(3.0)  # the last windows and decisions
+        if bridge is not None:
+            await bridge.poll()  # final counters
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        await enforcer.stop()
+        if enforcer is not None:
+            await enforcer.stop()
+        if bridge is not None:
+            await bridge.stop()
         await producer.stop()
 
     def rel(wall: float | None) -> float | None:
@@ -318,6 +732,9 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
                       "target": c["target"]} for _, c in seen.commands],
         "acks": {s: sum(a.get("status") == s for a in seen.acks)
                  for s in ("applied", "rejected", "failed", "expired")},
+        "acks_from": [{"command_id": a.get("command_id"), "instance": a.get("instance"),
+                       "status": a.get("status")} for a in seen.acks],
+        "sidecars": bridge.report(seen.acks) if bridge is not None else {"ran": 0},
         "incidents": states, "windows": seen.windows, "anomalies": seen.anomalies,
         "simulated_s": report.simulated_s, "requests": report.requests,
     }
@@ -330,6 +747,7 @@ def run_demo(scenario: str = "bad-deploy", *, seed: int = 1, speed: float = DEFA
     """Run the closed loop once and return the summary (printing progress to ``out``)."""
     from app.broker import EmbeddedBroker, free_port
     from app.topics import ensure_topics
+    from models.fleet import default_fleet_config
 
     if scenario not in SCENARIOS:
         raise DemoError(f"scenario={scenario!r}: must be one of {', '.join(SCENARIOS)}")
@@ -340,6 +758,7 @@ def run_demo(scenario: str = "bad-deploy", *, seed: int = 1, speed: float = DEFA
     run_id = uuid.uuid4().hex[:8]
     broker = None
     worker = None
+    sidecars: SidecarFleet | None = None
     wall0 = time.monotonic()
     try:
         if base.kafka_bootstrap is None:
@@ -354,20 +773,31 @@ def run_demo(scenario: str = "bad-deploy", *, seed: int = 1, speed: float = DEFA
             "app_id": f"stanch-demo-{run_id}", "data_dir": work / "data",
             "web_port": free_port(), "signing_key_file": None, "trusted_keys_dir": None})
         asyncio.run(ensure_topics(settings))
-        printer(f"starting the worker (log {work / 'worker.log'}) ...")
-        worker = start_worker(settings, work / "worker.log")
-        from agents.mitigation import local_keys_dir
-
+        private_key, trusted_dir = demo_keys(work)
         after = after_onset_s if after_onset_s is not None else \
             AFTER_ONSET_S.get(scenario, DEFAULT_AFTER_ONSET_S)
         duration = onset_s + after
+        services = default_fleet_config(None, start_ts=0.0).services
+        sidecars = SidecarFleet(settings.model_copy(update={"trusted_keys_dir": trusted_dir}),
+                                services, demo_clock(speed, duration), work)
+        sidecars.launch()
+        printer(f"starting the worker (log {work / 'worker.log'}) and {len(services)} "
+                f"sidecars ({', '.join(p.service for p in sidecars.procs)}; logs "
+                f"{work}/sidecar-*.log) ...")
+        worker = start_worker(settings.model_copy(update={"signing_key_file": private_key}),
+                              work / "worker.log")
+        sidecars.wait_ready()
+        printer(f"worker and sidecars ready after {time.monotonic() - wall0:.1f} s")
         printer(f"scenario {scenario}, seed {seed}: {duration:.0f} simulated s at {speed:g}x; "
                 f"incident at onset = {onset_s:.0f} s (times below: simulated, from onset)")
-        summary = asyncio.run(run_closed_loop(settings, scenario, seed, speed, onset_s, duration,
-                                        local_keys_dir(settings), printer))
+        summary = asyncio.run(run_closed_loop(settings, scenario, seed, speed, onset_s,
+                                              duration, trusted_dir, printer,
+                                              sidecars=sidecars))
         summary["wall_s"] = round(time.monotonic() - wall0, 1)
         return summary
     finally:
+        if sidecars is not None:
+            sidecars.stop()
         if worker is not None:
             worker.stop()
         if broker is not None:
@@ -379,6 +809,10 @@ def format_summary(s: dict[str, Any]) -> str:
         return "-" if v is None else f"{v:.1f} s"
 
     cmds = ", ".join(f"{c['kind']} {c['service']} -> {c['target']}" for c in s["commands"])
+    sc = s.get("sidecars") or {}
+    acks = ", ".join(f"{k} {v}" for k, v in (s.get("acks") or {}).items() if v) or "none"
+    sidecar_line = (f"{sc['ran']} ran (one per service), {sc.get('acks_sent', 0)} acks sent "
+                    f"({acks})" if sc.get("ran") else "played in-process")
     return "\n".join([
         f"summary ({s['clock']}):",
         f"  time to detect    {f(s['time_to_detect_s'])}",
@@ -387,6 +821,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  error responses   {s['errors_with_stanch']} with Stanch, "
         f"{s['errors_without_stanch']} without (same seed): {s['errors_avoided']} avoided",
         f"  commands          {cmds or 'none'}",
+        f"  sidecars          {sidecar_line}",
         "  incidents         " + (", ".join(f"{k} ({v})" for k, v in s["incidents"].items())
                                    or "none"),
         f"  wall time         {s.get('wall_s', '-')} s",

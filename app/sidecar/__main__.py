@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from app.settings import load_settings
-from app.sidecar.main import SidecarOptions, parse_dependency, run_sidecar
+from app.sidecar.main import SidecarOptions, parse_clock_origin, parse_dependency, run_sidecar
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback-webhook")
     p.add_argument("--rollback-timeout", type=float, default=30.0)
     p.add_argument("--trusted-keys-dir", type=Path)
+    p.add_argument("--clock-origin", metavar="SIM_TS@WALL_TS",
+                   help="simulated fleets only: the clock reads SIM_TS at wall time WALL_TS")
+    p.add_argument("--clock-speed", type=float, default=1.0,
+                   help="simulated seconds per wall second (with --clock-origin)")
     p.add_argument("--no-uvloop", action="store_true")
     p.add_argument("--log-level", default="WARNING")
     return p
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         rollback_webhook=args.rollback_webhook,
         rollback_timeout_s=args.rollback_timeout,
         trusted_keys_dir=args.trusted_keys_dir,
+        clock_origin=parse_clock_origin(args.clock_origin) if args.clock_origin else None,
+        clock_speed=args.clock_speed,
     )
     run_sidecar(load_settings(), options, use_uvloop=not args.no_uvloop)
 

@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import signal
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,43 @@ def parse_hostport(value: str, option: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise OptionError(f"{option}: {value!r} must be host:port")
     return host or "0.0.0.0", int(port)
+
+
+def parse_clock_origin(value: str) -> tuple[float, float]:
+    """``SIM_TS@WALL_TS`` -> (sim_ts, wall_ts), as given to ``--clock-origin``."""
+    sim, sep, wall = value.partition("@")
+    try:
+        origin = (float(sim), float(wall))
+    except ValueError:
+        origin = (math.nan, math.nan)
+    if not sep or not all(math.isfinite(v) for v in origin):
+        raise OptionError(f"--clock-origin: {value!r} must be SIM_TS@WALL_TS (epoch seconds)")
+    return origin
+
+
+class SimulatedClock:
+    """Epoch seconds of a simulated fleet: ``sim_ts`` at wall time ``wall_ts``, then
+    ``speed`` simulated seconds per wall second.
+
+    Why a sidecar needs it: leases (``issued_at``/``expires_at``) are in the event time
+    of the data the decisions were made on (agents.mitigation). In front of real services
+    that is the wall clock; in front of a simulated fleet running ``speed`` times faster
+    (``stanch demo``) it is the fleet's clock, and a wall-clock sidecar would find every
+    command expired before arrival. Never set in production.
+    """
+
+    __slots__ = ("sim_ts", "speed", "wall_ts")
+
+    def __init__(self, sim_ts: float, wall_ts: float, speed: float) -> None:
+        self.sim_ts = sim_ts
+        self.wall_ts = wall_ts
+        self.speed = speed
+
+    def __call__(self) -> float:
+        return self.sim_ts + (time.time() - self.wall_ts) * self.speed
+
+    def describe(self) -> dict[str, float]:
+        return {"sim_ts": self.sim_ts, "wall_ts": self.wall_ts, "speed": self.speed}
 
 
 def parse_dependency(value: str) -> tuple[str, str]:
@@ -81,6 +119,8 @@ class SidecarOptions:
     telemetry_batch: int = 300
     telemetry_flush_s: float = 0.15
     trusted_keys_dir: Path | None = None  # default: settings.trusted_keys_dir
+    clock_origin: tuple[float, float] | None = None  # (sim_ts, wall_ts): a simulated clock
+    clock_speed: float = 1.0  # simulated seconds per wall second (with clock_origin)
 
     def validate(self) -> None:
         if not self.service:
@@ -99,6 +139,17 @@ class SidecarOptions:
             raise OptionError("--rollback-timeout must be > 0")
         if self.telemetry_buffer < 1:
             raise OptionError("telemetry buffer must hold at least one event")
+        if not (math.isfinite(self.clock_speed) and self.clock_speed > 0):
+            raise OptionError(f"--clock-speed: {self.clock_speed} must be a number > 0")
+        if self.clock_speed != 1.0 and self.clock_origin is None:
+            raise OptionError("--clock-speed needs --clock-origin (where the clock starts)")
+
+    def clock(self) -> Callable[[], float]:
+        """The clock leases and request times are judged by: the wall clock, or the
+        simulated one given by ``clock_origin``/``clock_speed``."""
+        if self.clock_origin is None:
+            return time.time
+        return SimulatedClock(*self.clock_origin, self.clock_speed)
 
     def instance_name(self, bound_port: int | None = None) -> str:
         if self.instance:
@@ -188,6 +239,7 @@ class Sidecar:
         self.options = options
         self.keyring = keyring if keyring is not None else load_keyring(settings, options)
         self.table = EnforcementTable()
+        self.clock = options.clock()
         self.telemetry = TelemetryPublisher(
             settings,
             options.service,
@@ -218,13 +270,15 @@ class Sidecar:
             version=o.version,
             region=o.region,
             upstream_timeout_s=o.upstream_timeout_s,
+            clock=self.clock,
         )
 
     def _make_commands(self) -> CommandConsumer:
         o = self.options
         hook = RollbackHook(o.rollback_command, o.rollback_webhook, o.rollback_timeout_s)
         return CommandConsumer(
-            self.settings, o.service, self.instance, self.keyring, self.table, hook
+            self.settings, o.service, self.instance, self.keyring, self.table, hook,
+            clock=self.clock,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -304,8 +358,15 @@ class Sidecar:
         )
 
     def status(self) -> dict[str, Any]:
-        now = time.time()
+        """Everything an operator (or the demo's simulated fleet) needs to see what this
+        sidecar enforces right now: ``active`` (kind, key, target, params, current
+        rate/share, lease), rollbacks run, request counters, command counts, and the
+        clock leases are judged by (``now``; ``clock`` is ``"wall"`` or the simulated
+        clock's origin and speed)."""
+        now = self.clock()
         t = self.telemetry
+        c = self.proxy.counters
+        clock = self.clock
         return {
             "service": self.options.service,
             "instance": self.instance,
@@ -317,11 +378,18 @@ class Sidecar:
             "commands": dict(self.commands.counts),
             "active": self.table.status(now),
             "rollbacks_done": sorted(self.table.rollbacks_done),
+            "requests": {
+                "ingress_passed": c.ingress_passed, "ingress_throttled": c.ingress_throttled,
+                "ingress_shed": c.ingress_shed, "egress_passed": c.egress_passed,
+                "egress_isolated": c.egress_isolated, "upstream_errors": c.upstream_errors,
+            },
             "telemetry": {
                 "recorded": t.recorded, "published": t.published,
                 "dropped": t.dropped, "buffered": t.buffered, "connected": t.connected,
             },
             "trusted_kids": self.keyring.kids,
+            "now": now,
+            "clock": clock.describe() if isinstance(clock, SimulatedClock) else "wall",
         }
 
     async def _status(self, request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ fails fast with 503 and ``X-Stanch-Isolated: NAME``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -73,8 +74,10 @@ class Proxy:
         version: str = "",
         region: str = "",
         upstream_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.service = service
+        self._clock = clock  # epoch seconds for leases and event times (wall, or simulated)
         self.upstream = upstream.rstrip("/")
         self.dependencies = {name: url.rstrip("/") for name, url in dependencies.items()}
         self.table = table
@@ -109,7 +112,7 @@ class Proxy:
     # ------------------------------------------------------------------ handlers
     async def ingress(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        now = time.time()
+        now = self._clock()
         route = self.ingress_routes.match(request.path)
         decision = self.table.decide_ingress(route, now)
         error: str | None
@@ -127,7 +130,7 @@ class Proxy:
 
     async def egress(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        now = time.time()
+        now = self._clock()
         raw = request.raw_path
         name, _, rest = raw[len(EGRESS_PREFIX):].partition("/")
         base = self.dependencies.get(name)

@@ -1,29 +1,190 @@
-"""``stanch demo``: the closed loop end to end, with the summary the README promises."""
+"""``stanch demo``: the closed loop end to end, enforced by real ``stanch sidecar`` processes.
+
+Also the two pieces that make the sidecar path work, tested on their own: the fleet
+model following what a sidecar reports (renewals, ramps, lapsed leases), and a sidecar
+judging leases by a simulated clock.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
-from app.demo import demo_main
+from app.demo import FleetFollower, demo_main, format_summary
+from app.keys import generate_keypair
+from app.settings import Settings
+from app.sidecar import Sidecar, SidecarOptions
+from app.sidecar.main import OptionError, SimulatedClock, parse_clock_origin
+from models.fleet import Fleet, default_fleet_config
+from models.scenarios import build_scenario
+from schemas.signing import load_private_key, sign_command
+from tests.integration.test_sidecar import Acks, publish, start_app, upstream_app
 
 pytestmark = pytest.mark.integration
 
 
-def test_demo_bad_deploy_json_summary(kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_bad_deploy_through_sidecars(kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("STANCH_KAFKA_BOOTSTRAP", kafka_bootstrap)
     assert demo_main("bad-deploy", as_json=True) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    summary = orjson.loads(out[-1])  # progress goes to stderr; stdout ends with the JSON
+    captured = capsys.readouterr()
+    summary = orjson.loads(captured.out.strip().splitlines()[-1])  # progress is on stderr
     for key in ("time_to_detect_s", "time_to_mitigate_s", "time_to_recover_s",
                 "errors_avoided"):
         assert key in summary
     assert [(c["kind"], c["service"], c["target"]) for c in summary["commands"]] == \
         [("rollback", "payments", "v41")]
+    rollback_id = summary["commands"][0]["id"]
+    # one real sidecar per service ran; the rollback ack came from payments' sidecar,
+    # after its webhook hook rolled the fleet model back
+    sidecars = summary["sidecars"]
+    assert sidecars["ran"] == 6
+    assert "payments-sidecar" in sidecars["instances"]
+    assert [(a["instance"], a["status"]) for a in summary["acks_from"]
+            if a["command_id"] == rollback_id] == [("payments-sidecar", "applied")]
+    assert sidecars["acks_by_instance"] == {"payments-sidecar": 1}
+    assert sidecars["acks_sent"] == 1
     assert summary["acks"]["applied"] == 1
+    assert [(r["command_id"], r["service"], r["target"], r["status"])
+            for r in sidecars["rollbacks"]] == [(rollback_id, "payments", "v41", "applied")]
+    assert sidecars["status_polls"] > 100
+    assert "rollback webhook from payments-sidecar: applied" in captured.err
+    # and the fleet recovered because of it
     assert 0 < summary["time_to_detect_s"] <= summary["time_to_mitigate_s"] <= 20
     assert summary["time_to_recover_s"] >= summary["time_to_mitigate_s"]
     assert summary["errors_avoided"] > 0
     assert summary["errors_without_stanch"] > summary["errors_with_stanch"]
+    assert "6 ran (one per service), 1 acks sent (applied 1)" in format_summary(summary)
     assert summary["wall_s"] < 180, "the demo must finish in under three minutes"
+
+
+# --------------------------------------------------------------------------- the fleet
+
+
+def _entry(cid: str, kind: str, key: str, params: dict[str, Any], expires_at: float,
+           target: str = "") -> dict[str, Any]:
+    """One item of a sidecar's ``/_stanch/status`` ``active`` list."""
+    return {"kind": kind, "key": key, "command_id": cid, "target": target, "params": params,
+            "issued_at": expires_at - 60, "expires_at": expires_at}
+
+
+def test_fleet_follows_sidecar_status_renewal_ramp_and_lapse() -> None:
+    start = 1_000_000.0
+    config = default_fleet_config(None, start_ts=start)
+    fleet = Fleet(config, build_scenario("clean", config), 1)
+    follower = FleetFollower()
+    now = start + 10
+    throttle = _entry("c1", "throttle", "*", {"rate_per_s": 0.0}, now + 60)
+
+    said = follower.follow(fleet, "gateway", [throttle], now)
+    assert said == ["enforces throttle * {\"rate_per_s\":0.0} (lease 60 s): fleet applied"]
+    assert [(c["id"], c["params"]["rate_per_s"]) for c in fleet.active_commands("gateway", now)
+            ] == [("c1", 0.0)]
+    out = fleet.events_between(now, now + 0.5)  # the fleet really refuses requests now
+    ingress = [e for e in out.requests["gateway"] if not e.get("dependency")]
+    assert ingress and all(e["status"] == 429 for e in ingress)
+
+    renewed = {**throttle, "command_id": "c2", "expires_at": now + 90}
+    assert follower.follow(fleet, "gateway", [renewed], now + 1) == []  # renewals are quiet
+    assert [c["id"] for c in fleet.active_commands("gateway", now + 1)] == ["c2"]
+
+    ramped = {**renewed, "params": {"rate_per_s": 500.0}}
+    said = follower.follow(fleet, "gateway", [ramped], now + 2)
+    assert said == ["enforces throttle * {\"rate_per_s\":500.0} (lease 88 s): fleet applied"]
+    assert [c["params"]["rate_per_s"] for c in fleet.active_commands("gateway", now + 2)] \
+        == [500.0]
+
+    # gone from the sidecar (restored, or its lease lapsed there): gone from the fleet,
+    # although the fleet's own copy of the lease would run until now + 90
+    assert follower.follow(fleet, "gateway", [], now + 3) == \
+        ["lifted throttle * (restored or lease ended)"]
+    assert fleet.active_commands("gateway", now + 3) == []
+    # a passed lease the sidecar still lists until its next sweep is not followed
+    short = _entry("c6", "throttle", "*", {"rate_per_s": 1.0}, now + 20)
+    assert len(follower.follow(fleet, "gateway", [short], now + 4)) == 1
+    assert follower.follow(fleet, "gateway", [short], now + 20) == \
+        ["lifted throttle * (restored or lease ended)"]
+    assert follower.follow(fleet, "gateway", [short], now + 21) == []
+    assert fleet.active_commands("gateway", now + 20) == []
+
+    isolate = _entry("c3", "isolate", "payments", {}, now + 60, target="payments")
+    shed = _entry("c4", "shed", "*", {"share": 0.5}, now + 60)
+    follower.follow(fleet, "checkout", [isolate, shed], now)
+    assert {c["kind"] for c in fleet.active_commands("checkout", now)} == {"isolate", "shed"}
+    assert follower.follow(fleet, "checkout", [shed], now + 1) == \
+        ["lifted isolate payments (restored or lease ended)"]
+    assert [c["kind"] for c in fleet.active_commands("checkout", now + 1)] == ["shed"]
+
+    # the sidecar accepts what the fleet cannot model: reported, never fatal
+    unknown = _entry("c5", "isolate", "nowhere", {}, now + 60, target="nowhere")
+    said = follower.follow(fleet, "checkout", [shed, unknown], now + 1)
+    assert len(said) == 1 and said[0].endswith("fleet rejected")
+    assert follower.rejected and follower.rejected[0].startswith("c5: ")
+
+
+# --------------------------------------------------------------------------- the clock
+
+
+def test_sidecar_clock_options_are_checked() -> None:
+    assert parse_clock_origin("100.5@200") == (100.5, 200.0)
+    for bad in ("100", "x@1", "1@nan", ""):
+        with pytest.raises(OptionError, match="--clock-origin"):
+            parse_clock_origin(bad)
+    with pytest.raises(OptionError, match="--clock-speed needs --clock-origin"):
+        SidecarOptions(service="s", upstream="http://x", clock_speed=8.0).validate()
+    with pytest.raises(OptionError, match="--clock-speed"):
+        SidecarOptions(service="s", upstream="http://x", clock_origin=(1.0, 1.0),
+                       clock_speed=0.0).validate()
+    clock = SimulatedClock(1000.0, time.time() - 2.0, 8.0)
+    assert 1015.0 < clock() < 1020.0  # 2 wall seconds at 8x
+
+
+def test_sidecar_judges_leases_by_the_simulated_clock(topics: Settings, tmp_path: Path) -> None:
+    """Commands stamped in simulated time, an hour in the past: a wall-clock sidecar
+    would find them expired; one on the fleet's clock applies them, enforces, and lets
+    the lease lapse after lease / speed wall seconds, acking on that clock."""
+    generate_keypair(tmp_path / "keys", "k1")
+    key = load_private_key(tmp_path / "keys" / "k1.key.pem")
+    (tmp_path / "keys" / "k1.key.pem").unlink()  # the sidecar gets the public key only
+    speed = 8.0
+    clock = SimulatedClock(time.time() - 3600.0, time.time(), speed)
+
+    async def scenario() -> None:
+        up, up_url = await start_app(upstream_app("checkout"))
+        options = SidecarOptions(
+            service="checkout", upstream=up_url, listen="127.0.0.1:0", admin_port=0,
+            trusted_keys_dir=tmp_path / "keys", clock_origin=(clock.sim_ts, clock.wall_ts),
+            clock_speed=speed)
+        sidecar = Sidecar(topics, options)
+        await sidecar.start()
+        try:
+            await asyncio.wait_for(sidecar.commands.ready.wait(), 30)
+            now = clock()
+            command = sign_command({
+                "id": "inc-1:throttle:1", "kind": "throttle", "service": "checkout",
+                "target": "*", "params": {"rate_per_s": 0}, "incident_id": "inc-1",
+                "issued_at": now, "expires_at": now + 40.0, "reason": "test"}, key, "k1")
+            async with Acks(topics) as acks:
+                await publish(topics, command, key="checkout")
+                applied = await acks.wait(command["id"], "applied")
+                assert abs(applied["at"] - clock()) < 8.0  # acked on the simulated clock
+                status = sidecar.status()
+                assert status["clock"] == {"sim_ts": clock.sim_ts, "wall_ts": clock.wall_ts,
+                                           "speed": speed}
+                assert abs(status["now"] - clock()) < 1.0
+                assert [(e["kind"], e["command_id"]) for e in status["active"]] == \
+                    [("throttle", command["id"])]
+                expired = await acks.wait(command["id"], "expired", timeout=15)
+                assert expired["reason"] == "lease ended without renewal"
+                assert command["expires_at"] <= expired["at"] < command["expires_at"] + 8.0
+                assert sidecar.status()["active"] == []
+        finally:
+            await sidecar.stop()
+            await up.cleanup()
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
