@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import numpy as np
 import orjson
 
 from app.broker import EmbeddedBroker, free_port
+from app.processes import ProcessRunner
 from app.settings import Settings
 from app.topics import ensure_topics
 from models import sketch as sk
@@ -171,32 +171,22 @@ def _env(settings: Settings) -> dict[str, str]:
 def run_worker_until(settings: Settings, total: int, log_path: Path,
                      timeout: float = 120.0) -> float:
     """Start ``stanch worker``; seconds from its "Ready" until ``total`` events are in
-    window summaries."""
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=_env(settings),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            assert proc.stdout is not None
-            deadline = time.monotonic() + 90
-            for line in proc.stdout:
-                log.write(line)
-                if "Ready" in line:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError("worker not ready within 90 s")
-            else:
-                raise RuntimeError(f"worker exited; see {log_path}")
-            ready = time.monotonic()
-            done = asyncio.run(_wait_windows(settings, total, timeout))
-            return done - ready
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    window summaries.
+
+    The worker's output is read to the log file all along (``ProcessRunner``): a pipe
+    that is no longer read fills up after ~64 KiB and then blocks the worker's next log
+    line, which stalls the whole worker (seen as a benchmark that hangs on a busy host,
+    where timer-drift warnings are frequent).
+    """
+    worker = ProcessRunner([sys.executable, "-m", "app.cli", "worker"], _env(settings),
+                           log_path)
+    try:
+        worker.wait_for("Ready", timeout=90)
+        ready = time.monotonic()
+        done = asyncio.run(_wait_windows(settings, total, timeout))
+        return done - ready
+    finally:
+        worker.stop()
 
 
 def throughput(bootstrap: str, prefix: str, events: list[dict[str, Any]], batch: int,
