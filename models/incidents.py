@@ -45,6 +45,7 @@ ACTIVE_STATES: frozenset[str] = frozenset({"open", "mitigating", "monitoring"})
 MAX_ANOMALY_IDS = 1024
 MAX_SIGNALS = 256
 SEEN_IDS = 20_000
+MAX_EVIDENCE_WINDOWS = 30
 
 
 class IncidentInputError(ModelInputError):
@@ -91,7 +92,9 @@ class Incident:
     edges: dict[str, dict[str, float]] = field(default_factory=dict)
     anomaly_ids: list[str] = field(default_factory=list)
     anomaly_count: int = 0
-    anomalous_windows: int = 0  # distinct window_starts with an anomaly (hysteresis)
+    # windows with an anomaly (hysteresis): distinct window_starts, and at least the
+    # windows of evidence the largest single finding rests on (_evidence_windows)
+    anomalous_windows: int = 0
     last_ws: float = 0.0
     last_any_ws: float = 0.0
     last_window_ts: float | None = None
@@ -176,7 +179,30 @@ def parse_anomaly(a: object) -> dict[str, Any]:
         "dependency": a.get("dependency") or parts[2] or None,
         "window_s": _num(a, "window_s", required=False) or 1.0,
         "direction": evidence.get("direction"),
+        "evidence_windows": _evidence_windows(evidence, _req_num(a, "window_start")),
     }
+
+
+def _evidence_windows(evidence: dict, ws: float) -> int:
+    """How many windows of evidence the detector's finding rests on: its anomalous
+    windows (``evidence.windows``, the k of its k-of-n debounce) or the windows its test
+    pooled (``evidence.pooled_windows``), whichever is more; 1 when it says neither.
+
+    Why: the hysteresis (``min_anomalies`` anomalous windows) counted distinct
+    window_starts of anomalies, so a finding that already needed two anomalous windows
+    in the detector counted as one and every throttle or isolation waited for the next
+    window (1 s; traffic-surge onset -> throttle, see docs/mitigation.md). Capped at
+    ``MAX_EVIDENCE_WINDOWS`` (the detector's n is at most 30)."""
+    windows = evidence.get("windows")
+    listed = 0
+    if isinstance(windows, list):
+        listed = sum(1 for w in windows if isinstance(w, int | float)
+                     and not isinstance(w, bool) and math.isfinite(w) and w <= ws)
+    pooled = evidence.get("pooled_windows")
+    if isinstance(pooled, bool) or not isinstance(pooled, int | float) or \
+            not math.isfinite(pooled):
+        pooled = 1
+    return max(1, min(max(listed, int(pooled)), MAX_EVIDENCE_WINDOWS))
 
 
 class IncidentBook:
@@ -341,6 +367,7 @@ class IncidentBook:
             inc.anomaly_ids.append(a["id"])
         if inc.anomaly_count == 0 or ws > inc.last_any_ws:
             inc.anomalous_windows += 1
+        inc.anomalous_windows = max(inc.anomalous_windows, a["evidence_windows"])
         inc.anomaly_count += 1
         inc.last_any_ws = max(inc.last_any_ws, ws)
         if not self._is_masked(inc, a):

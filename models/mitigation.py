@@ -38,8 +38,9 @@ target and params), so a dead Stanch lets everything lapse within one lease.
 
 Safeguards: dry-run (decisions become 'decision' entries, no command), approval
 (decisions wait until an approve control message names the incident or command id),
-cooldown, hysteresis (min_anomalies / min_duration_s before acting; a confirmed suspect
-change needs only the first anomaly), a fleet-wide cap
+cooldown, hysteresis (min_anomalies anomalous windows, counting the windows of evidence
+each finding rests on, and min_duration_s before acting; a confirmed suspect change needs
+only the first anomaly), a fleet-wide cap
 (max_active), the storm guard (escalate new incidents, no new command), the kill
 switch (pause: nothing is issued, not even renewals, so active mitigations lapse at
 their lease; pending approvals are dropped and re-proposed after resume).
@@ -261,11 +262,18 @@ class Mitigator:
         """``min_anomalies`` anomalous windows and ``min_duration_s`` since onset, except
         that a *confirmed* suspect change is enough with the incident's first anomaly.
 
-        Why: the confirmation is evidence of its own (the new version's error rate or
-        p99 against the old version's, over ``min_version_requests`` requests), and the
-        first finding already needed ``debounce_k`` anomalous windows in the detector, so
-        waiting for a second anomalous window only added one window (1 s) to every
-        rollback (bad-deploy onset -> command 4.2 s -> 3.3 s, see docs/mitigation.md).
+        The windows are counted by the book (``Incident.anomalous_windows``) including the
+        windows of evidence a finding rests on: the detector's first finding already
+        needed ``debounce_k`` (2) anomalous windows, or a test that pooled two windows, so
+        with the default ``min_anomalies = 2`` it acts on that finding. Counting only the
+        anomalies' own windows made every throttle and isolation wait one more window
+        (1 s) for the same evidence (traffic-surge, docs/mitigation.md); a policy asking
+        for more evidence (``min_anomalies = 3``) still waits for it.
+
+        Why the confirmed suspect is an exception too: the confirmation is evidence of
+        its own (the new version's error rate or p99 against the old version's, over
+        ``min_version_requests`` requests), so it acts on the first anomaly even when that
+        carries one window of evidence (bad-deploy onset -> command 4.2 s -> 3.3 s).
         Unconfirmed suspects, isolations and throttles keep the full hysteresis."""
         sg = self.policy.safeguards
         if now - inc.onset < sg.min_duration_s or inc.anomalous_windows < 1:

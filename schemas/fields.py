@@ -378,12 +378,15 @@ def _compile_map(f: Field, record: str) -> Validator:
     key_check = compile_field(f.keys, record) if f.keys is not None else None
     value_check = compile_field(f.values, record)
     max_props = f.max_properties
+    quick = _quick_map_check(f)
 
     def check(v: Any) -> dict[str, Any]:
         if not isinstance(v, dict):
             raise SchemaError(record, "", v, "must be an object")
         if len(v) > max_props:
             raise SchemaError(record, "", v, f"more than {max_props} entries")
+        if quick is not None and quick(v):
+            return dict(v)
         out = {}
         for k, x in v.items():
             if not isinstance(k, str):
@@ -402,6 +405,36 @@ def _compile_map(f: Field, record: str) -> Validator:
         return out
 
     return check
+
+
+def _quick_map_check(f: Field) -> Callable[[dict[Any, Any]], bool] | None:
+    """For maps of ASCII string keys with a pattern to bounded integers (sketch bins,
+    version counts): one pass that says "every entry is certainly valid", or None when
+    the map has another shape.
+
+    Why: a window summary's sketch carries ~100 bins, and the detector validates every
+    summary it reads; the generic path (two validator calls per entry) cost ~1 µs per bin,
+    more than the detectors themselves. When the quick pass says no, the generic path runs
+    and names the entry and the reason exactly as before.
+    """
+    kf, vf = f.keys, f.values
+    if (kf is None or vf is None or kf.type != "string" or kf.pattern is None
+            or kf.enum is not None or kf.max_length is None or vf.type != "integer"
+            or vf.minimum is None or vf.maximum is None
+            or vf.exclusive_minimum is not None or vf.exclusive_maximum is not None):
+        return None
+    match = re.compile(kf.pattern).fullmatch
+    klo, khi = kf.min_length or 0, kf.max_length
+    vlo, vhi = vf.minimum, vf.maximum
+
+    def quick(v: dict[Any, Any]) -> bool:
+        for k, x in v.items():
+            if (type(k) is not str or not klo <= len(k) <= khi or not k.isascii()
+                    or match(k) is None or type(x) is not int or not vlo <= x <= vhi):
+                return False
+        return True
+
+    return quick
 
 
 _INT64_MIN = -(2**63)

@@ -396,3 +396,45 @@ def test_a_silent_service_is_a_gap_on_the_windows_clock_and_idle_counts() -> Non
     assert _gaps(book) == sorted(FLEET)
     again = IncidentBook.from_state(json.loads(json.dumps(book.to_state())), book.policy)
     assert again.tick(81.0) == [], "one gap incident per silence, also after a restore"
+
+
+def test_anomalous_windows_count_the_findings_windows_of_evidence() -> None:
+    """A finding that needed two anomalous windows (listed, or pooled by its test)
+    counts them for the hysteresis; one that says nothing counts its own window."""
+    book = IncidentBook()
+    debounced = anomaly("search", 100, "traffic", direction="surge")
+    debounced["evidence"]["windows"] = [99.0, 100.0]
+    book.on_anomaly(debounced, 100)
+    assert book.open_incidents()[0].anomalous_windows == 2
+    later = anomaly("search", 101, "traffic", direction="surge")
+    later["evidence"]["windows"] = [99.0, 100.0, 101.0]
+    book.on_anomaly(later, 101)
+    assert book.open_incidents()[0].anomalous_windows == 3
+    pooled = IncidentBook()
+    a = anomaly("users", 100, "traffic", direction="surge")
+    a["evidence"].update(windows=[100.0], pooled_windows=2.0)
+    pooled.on_anomaly(a, 100)
+    assert pooled.open_incidents()[0].anomalous_windows == 2
+    plain = IncidentBook()
+    plain.on_anomaly(anomaly("users", 100), 100)
+    assert plain.open_incidents()[0].anomalous_windows == 1
+
+
+@pytest.mark.parametrize("evidence", [
+    {"windows": "junk", "pooled_windows": "2"}, {"windows": [True, None, float("nan")]},
+    {"pooled_windows": float("inf")}, {"windows": [1e12], "pooled_windows": -4},
+])
+def test_malformed_evidence_counts_one_window(evidence: dict) -> None:
+    book = IncidentBook()
+    a = anomaly("users", 100)
+    a["evidence"] = evidence
+    book.on_anomaly(a, 100)
+    assert book.open_incidents()[0].anomalous_windows == 1
+
+
+def test_evidence_windows_are_capped() -> None:
+    book = IncidentBook()
+    a = anomaly("users", 100)
+    a["evidence"] = {"pooled_windows": 1e9}
+    book.on_anomaly(a, 100)
+    assert book.open_incidents()[0].anomalous_windows == 30

@@ -445,6 +445,29 @@ def test_fleet_wide_cap_limits_active_mitigations() -> None:
     assert any(e["reason"].startswith("cap:") for e in h.entries)
 
 
+def test_a_debounced_surge_finding_throttles_on_the_first_anomaly() -> None:
+    """The detector's finding rests on two anomalous windows (its 2-of-3 debounce, or a
+    test that pooled two windows): that meets min_anomalies = 2 at once, one window
+    (1 s) earlier than counting only the anomalies' own windows."""
+
+    def scenario(h: Harness, t: int) -> tuple[list, list, list]:
+        an = []
+        if 100 <= t < 160:
+            a = anomaly("search", t, "traffic", route="/q", observed=500.0, expected=100.0,
+                        direction="surge")
+            a["evidence"].update(windows=[float(t)], pooled_windows=2.0)
+            an = [a]
+        return healthy(t), an, []
+
+    h = Harness()
+    h.run(0, 130, scenario)
+    assert h.first_issue("throttle") == 100
+    # a policy that asks for more evidence than the finding carries still waits
+    h3 = Harness(replace(Policy(), safeguards=replace(SafeguardPolicy(), min_anomalies=3)))
+    h3.run(0, 130, scenario)
+    assert h3.first_issue("throttle") == 101
+
+
 def test_hysteresis_waits_for_min_anomalies_and_duration() -> None:
     policy = replace(Policy(), safeguards=replace(SafeguardPolicy(), min_anomalies=5,
                                                   min_duration_s=10.0))
