@@ -367,7 +367,11 @@ class IncidentBook:
             inc.anomaly_ids.append(a["id"])
         if inc.anomaly_count == 0 or ws > inc.last_any_ws:
             inc.anomalous_windows += 1
-        inc.anomalous_windows = max(inc.anomalous_windows, a["evidence_windows"])
+        if a["signal"] == "traffic":
+            # only a surge acts on its evidence windows: an error or latency finding on a
+            # caller may be the symptom of a change about to be rolled back, so an
+            # isolation keeps the extra window (seen: isolations racing the rollback)
+            inc.anomalous_windows = max(inc.anomalous_windows, a["evidence_windows"])
         inc.anomaly_count += 1
         inc.last_any_ws = max(inc.last_any_ws, ws)
         if not self._is_masked(inc, a):

@@ -418,6 +418,11 @@ def test_anomalous_windows_count_the_findings_windows_of_evidence() -> None:
     plain = IncidentBook()
     plain.on_anomaly(anomaly("users", 100), 100)
     assert plain.open_incidents()[0].anomalous_windows == 1
+    errors = IncidentBook()  # an error finding (isolation) keeps the full hysteresis
+    e = anomaly("users", 100)
+    e["evidence"]["windows"] = [99.0, 100.0]
+    errors.on_anomaly(e, 100)
+    assert errors.open_incidents()[0].anomalous_windows == 1
 
 
 @pytest.mark.parametrize("evidence", [
@@ -434,7 +439,7 @@ def test_malformed_evidence_counts_one_window(evidence: dict) -> None:
 
 def test_evidence_windows_are_capped() -> None:
     book = IncidentBook()
-    a = anomaly("users", 100)
+    a = anomaly("users", 100, "traffic", direction="surge")
     a["evidence"] = {"pooled_windows": 1e9}
     book.on_anomaly(a, 100)
     assert book.open_incidents()[0].anomalous_windows == 30
