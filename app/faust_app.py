@@ -9,7 +9,9 @@ always by subclassing the driver's classes rather than patching Faust at import 
   pipeline would cost 1.5 s. It comes from ``STANCH_FETCH_MAX_WAIT_MS`` instead;
 * the hand-over of each message to the streams, which costs Faust four tasks per message
   (``_Consumer._drain_messages``; one event per message: ~8.5k -> ~16k events/s);
-* a seek back that really re-reads (``_Consumer.rewind``, used by the aggregation agent).
+* a seek back that really re-reads (``_Consumer.rewind``, used by the aggregation agent);
+* the seek to the committed offsets that ends a rebalance (``_Consumer.perform_seek``):
+  Faust's can lose the records fetched while it runs (see there).
 """
 
 from __future__ import annotations
@@ -84,6 +86,33 @@ class _Consumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         #: tp -> [offset to re-read from, highest offset dropped meanwhile]
         self._rewinds: dict[Any, list[int]] = {}
+        #: tp -> the committed offset the last ``perform_seek`` put it at, until its first
+        #: record after that seek has been checked
+        self._sought: dict[Any, int] = {}
+
+    async def perform_seek(self) -> None:
+        """Seek every partition to its committed offset, with the flow stopped, and
+        check afterwards that each partition really resumes there.
+
+        Why: when a worker with tables starts (or is rebalanced), Faust's recovery resumes
+        the flow to read the changelogs, then resumes the stream partitions and only then
+        seeks them to their committed offsets, and finally clears the streams' queues
+        (``flow_control.resume``) on the promise that the seek makes everything in them
+        come again. But the flow is running while the seek is under way (in the consumer
+        thread): records fetched meanwhile are handed to the streams, the fetch position
+        moves past them, and the queue clearing then drops them for good. A killed and
+        restarted worker lost ~20 window messages this way in about one start of three
+        (the crash-safety test of the incident agents). So the flow stays stopped from
+        here until the caller's ``resume_flow`` (both of Faust's callers resume it right
+        after clearing the queues), and the first record of each partition after the
+        seek must be the committed one: one that lies past it means records were skipped,
+        and the partition is rewound to the committed offset (once; a real gap, such as
+        a record removed by retention, re-reads to the same place and is accepted).
+        """
+        self.stop_flow()
+        await super().perform_seek()
+        self._sought = {tp: offset for tp, offset in self._read_offset.items()
+                        if offset is not None}
 
     def _new_consumer_thread(self) -> _ConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -181,7 +210,15 @@ class _Consumer(faust_aiokafka.Consumer):
 
     async def getmany(self, timeout: float) -> Any:
         rewinds = self._rewinds
+        sought = self._sought
         async for tp, message in super().getmany(timeout):
+            if sought:
+                committed = sought.pop(tp, None)
+                if committed is not None and message.offset > committed:
+                    self.log.warning("%s resumed at offset %d, past its committed offset "
+                                     "%d: re-reading from there", tp, message.offset,
+                                     committed)
+                    await self.rewind(tp, committed)  # drops this record (below)
             if rewinds:
                 r = rewinds.get(tp)
                 if r is not None:
