@@ -189,9 +189,10 @@ def _evidence_windows(evidence: dict, ws: float) -> int:
     pooled (``evidence.pooled_windows``), whichever is more; 1 when it says neither.
 
     Why: the hysteresis (``min_anomalies`` anomalous windows) counted distinct
-    window_starts of anomalies, so a finding that already needed two anomalous windows
-    in the detector counted as one and every throttle or isolation waited for the next
-    window (1 s; traffic-surge onset -> throttle, see docs/mitigation.md). Capped at
+    window_starts of anomalies, so a surge finding that already needed two anomalous
+    windows in the detector counted as one and the throttle waited for the next window
+    (1 s; traffic-surge onset -> throttle, see docs/mitigation.md). The book uses it for
+    traffic findings only (see the comment in ``IncidentBook._add``). Capped at
     ``MAX_EVIDENCE_WINDOWS`` (the detector's n is at most 30)."""
     windows = evidence.get("windows")
     listed = 0

@@ -39,7 +39,7 @@ target and params), so a dead Stanch lets everything lapse within one lease.
 Safeguards: dry-run (decisions become 'decision' entries, no command), approval
 (decisions wait until an approve control message names the incident or command id),
 cooldown, hysteresis (min_anomalies anomalous windows, counting the windows of evidence
-each finding rests on, and min_duration_s before acting; a confirmed suspect change needs
+a traffic finding rests on, and min_duration_s before acting; a confirmed suspect change needs
 only the first anomaly), a fleet-wide cap
 (max_active), the storm guard (escalate new incidents, no new command), the kill
 switch (pause: nothing is issued, not even renewals, so active mitigations lapse at
@@ -262,13 +262,15 @@ class Mitigator:
         """``min_anomalies`` anomalous windows and ``min_duration_s`` since onset, except
         that a *confirmed* suspect change is enough with the incident's first anomaly.
 
-        The windows are counted by the book (``Incident.anomalous_windows``) including the
-        windows of evidence a finding rests on: the detector's first finding already
-        needed ``debounce_k`` (2) anomalous windows, or a test that pooled two windows, so
-        with the default ``min_anomalies = 2`` it acts on that finding. Counting only the
-        anomalies' own windows made every throttle and isolation wait one more window
-        (1 s) for the same evidence (traffic-surge, docs/mitigation.md); a policy asking
-        for more evidence (``min_anomalies = 3``) still waits for it.
+        The windows are counted by the book (``Incident.anomalous_windows``), for a
+        traffic finding including the windows of evidence it rests on: a surge's first
+        finding already needed ``debounce_k`` (2) anomalous windows, or a test that pooled
+        two windows, so with the default ``min_anomalies = 2`` the throttle acts on it
+        (counting only the anomalies' own windows made it wait one more window, 1 s, for
+        the same evidence; docs/mitigation.md); a policy asking for more
+        (``min_anomalies = 3``) still waits. Error and latency findings count their own
+        windows only: on a caller they may be the symptom of a change about to be rolled
+        back, and isolating on them one window earlier raced the rollback.
 
         Why the confirmed suspect is an exception too: the confirmation is evidence of
         its own (the new version's error rate or p99 against the old version's, over

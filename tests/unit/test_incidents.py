@@ -431,8 +431,8 @@ def test_anomalous_windows_count_the_findings_windows_of_evidence() -> None:
 ])
 def test_malformed_evidence_counts_one_window(evidence: dict) -> None:
     book = IncidentBook()
-    a = anomaly("users", 100)
-    a["evidence"] = evidence
+    a = anomaly("users", 100, "traffic", direction="surge")  # traffic: its evidence counts
+    a["evidence"] = {**evidence, "direction": "surge"}
     book.on_anomaly(a, 100)
     assert book.open_incidents()[0].anomalous_windows == 1
 
