@@ -6,7 +6,8 @@ window summary carrying ``metrics={"value": v}`` and goes through ``SeriesDetect
 ``label`` is 1 where the live pipeline would emit an anomaly event for ``metric:value``;
 ``anomaly_score`` maps that signal's surprise to [0, 1] (0.5 at the threshold) and carries
 the live decision's refractory period: it is 0 on the ``metric_refractory`` rows after a
-finding, where the live pipeline stays silent whatever the surprise. So a threshold of 0.5
+finding, where the live pipeline stays silent whatever the surprise (except on a row where a
+record escapes the refractory: that row fires, so its score is kept). So a threshold of 0.5
 on ``anomaly_score`` reproduces ``label`` exactly, and a threshold sweep (NAB's
 ``--optimize``) scores at most one detection per episode instead of counting every
 anomalous row after the first as a false positive. (Below 0.5 a sweep is an

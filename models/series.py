@@ -26,7 +26,10 @@ from models.detectors.latency import LatencyDetector
 from models.detectors.metric import MetricDetector
 from models.detectors.traffic import TrafficDetector
 
-_STATE_VERSION = 1
+#: Version of ``to_state()``. 2: a gauge's state gained its learned range and its z
+#: histogram has 8 bins instead of 10 (same length, other meaning). A version-1 state
+#: restores the request signals and starts its gauges afresh (see ``from_state``).
+_STATE_VERSION = 2
 _REQUEST_SIGNALS = ("latency", "errors", "traffic")
 
 
@@ -50,7 +53,10 @@ class DetectorConfig:
         The same knobs for generic gauges (metric:NAME). Gauges are slower and noisier
         than request signals; these defaults were chosen on the NAB training data (see
         docs/detection.md). ``metric_refractory`` windows after a finding no new finding
-        is made for that gauge (one event per episode).
+        is made for that gauge (one event per episode), unless the window is a *record*
+        (the gauge beyond everything it has shown, by ``metric_record_margin`` of that
+        range) and at least ``metric_record_gap`` windows have passed: an episode that
+        gets worse than anything before is news, its ordinary ups and downs are not.
     max_metrics
         Gauges tracked per series (bounded memory); further names are ignored.
     """
@@ -67,11 +73,13 @@ class DetectorConfig:
     metric_refractory: int = 100
     metric_learn_weight_anomalous: float = 0.25
     metric_z_min: float = 5.0
+    metric_record_margin: float = 0.02
+    metric_record_gap: int = 10
     max_metrics: int = 4
 
     def __post_init__(self) -> None:
         for name in ("warmup_windows", "relearn_after", "metric_warmup_windows",
-                     "metric_refractory", "max_metrics"):
+                     "metric_refractory", "metric_record_gap", "max_metrics"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DetectorConfig.{name}={getattr(self, name)!r}: must be >= 0")
         for k, n in (("debounce_k", "debounce_n"), ("metric_debounce_k", "metric_debounce_n")):
@@ -81,6 +89,8 @@ class DetectorConfig:
         for name in ("threshold", "metric_threshold"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"DetectorConfig.{name}={getattr(self, name)!r}: must be > 0")
+        if not self.metric_record_margin >= 0.0:
+            raise ValueError("DetectorConfig.metric_record_margin: must be >= 0")
         if not 0.0 <= self.metric_learn_weight_anomalous <= 1.0:
             raise ValueError("DetectorConfig.metric_learn_weight_anomalous: must be in [0, 1]")
 
@@ -171,7 +181,10 @@ class SeriesDetector:
             refractory = cfg.metric_refractory if is_metric else 0
             # A test that pooled j windows already carries j windows of evidence.
             evidence = max(bin(track.bits).count("1"), int(a.extra.get("pooled_windows", 1)))
-            if flagged and evidence >= k and track.since_fire > refractory:
+            quiet = track.since_fire > refractory or (
+                is_metric and a.extra.get("record", 0.0) > 0.0
+                and track.since_fire > cfg.metric_record_gap)
+            if flagged and evidence >= k and quiet:
                 track.since_fire = 0
                 findings.append(self._finding(sig, start, a, threshold, track, n, window))
             if mitigated:
@@ -214,8 +227,13 @@ class SeriesDetector:
                 break
             if as_float(metrics, name) is None:
                 continue
-            self._detectors[sig] = MetricDetector(name=str(name), z_min=self.config.metric_z_min)
+            self._detectors[sig] = self._new_metric(str(name))
             self._tracks[sig] = _Track()
+
+    def _new_metric(self, name: str) -> MetricDetector:
+        cfg = self.config
+        return MetricDetector(name=name, z_min=cfg.metric_z_min,
+                              record_margin=cfg.metric_record_margin)
 
     # -- compact state ----------------------------------------------------------------
     def to_state(self) -> tuple[Any, ...]:
@@ -233,16 +251,20 @@ class SeriesDetector:
             version, signals, starts = state
         except (TypeError, ValueError) as exc:
             raise ValueError(f"series state: not a 3-tuple ({exc})") from exc
-        if version != _STATE_VERSION:
+        if version not in (1, _STATE_VERSION):
             raise ValueError(f"series state: version {version!r}, expected {_STATE_VERSION}")
         for sig, det_state, track_state in signals:
             if sig not in self._detectors:
                 if not str(sig).startswith("metric:"):
                     raise ValueError(f"series state: unknown signal {sig!r}")
-                self._detectors[sig] = MetricDetector(name=str(sig)[len("metric:"):],
-                                                      z_min=self.config.metric_z_min)
-            self._detectors[sig].from_state(det_state)
+                self._detectors[sig] = self._new_metric(str(sig)[len("metric:"):])
             self._tracks[sig] = _Track(*(int(v) for v in track_state))
+            if version == 1 and str(sig).startswith("metric:"):
+                # A version-1 gauge state has the same length but another layout: after an
+                # upgrade the gauge relearns (metric_warmup_windows) while the request
+                # signals keep their baselines.
+                continue
+            self._detectors[sig].from_state(det_state)
         self._recent_starts = [float(s) for s in starts]
 
     def __getstate__(self) -> tuple[str, DetectorConfig, tuple[Any, ...]]:

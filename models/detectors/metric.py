@@ -54,13 +54,22 @@ new normal. The marks of ``recur_days + 1`` days (today's accumulating) are bits
 float, plus the day they refer to: 2 numbers. On NAB it removes the daily cron spikes of
 the ec2_cpu_utilization files (34 of 101 false positives; docs/detection.md).
 
+**Record** (evidence for the decision layer, not a score). The detector keeps the lowest
+and highest value it has learned; a window outside that range by more than
+``record_margin`` of its width is a *record* (``extra["record"]`` 1.0): the gauge is
+somewhere it has never been. The series decision lets a finding that is a record through
+its refractory period (``DetectorConfig.metric_record_gap``): an episode that gets worse
+than anything seen before is news even right after a finding, while the ordinary ups and
+downs of the same episode stay one event. On NAB this recovers two windows that a finding
+shortly before them silenced (docs/detection.md). Two numbers of state.
+
 The rates, weights and thresholds were chosen on the NAB development split
 (docs/detection.md lists what was tuned and what each part is worth there).
 
 State (to_state): n, mean, var, residual var, the bit mask of visited buckets, the short
-average, the long-run mean/var, the recurrence day and marks, ``season_buckets`` levels
-and the histogram counts of z >= 5 (the count below 5 is the total minus these; the total
-is a function of n): 36 numbers by default, about 340-360 pickled bytes.
+average, the long-run mean/var, the recurrence day and marks, the learned range (low,
+high), ``season_buckets`` levels and the histogram counts of z >= 5 (the count below 5 is
+the total minus these; the total is a function of n): 36 numbers by default.
 """
 
 from __future__ import annotations
@@ -82,8 +91,8 @@ from models.detectors.base import (
 #: Lower edges of the stored z-histogram bins (the last bin is open-ended). Only z >= 5 is
 #: stored: scores start at z_min (5 by default); smaller z only count towards the total
 #: (with a smaller z_min the tail below 5 is interpolated linearly over [0, 5)).
-Z_EDGES: tuple[float, ...] = (5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 50.0)
-_N_SCALARS = 10
+Z_EDGES: tuple[float, ...] = (5.0, 6.0, 7.0, 8.0, 10.0, 13.0, 18.0, 30.0)
+_N_SCALARS = 12
 #: Bits a float holds exactly: the recurrence marks of (recur_days + 1) days live in one.
 _MASK_BITS = 53
 _DAY_S = 86_400.0
@@ -117,11 +126,15 @@ class MetricDetector(Detector):
         Recurrence guard: the surprise that marks a time-of-day bucket for the day, the
         previous days that must all be marked (+-1 bucket) for a window to be routine, and
         the factor applied to a routine window's surprise (``recur_mark`` 0: off).
+    record_margin
+        A value beyond the learned range by more than this fraction of its width is a
+        record (evidence only; the series decision uses it).
     """
 
     _params = ("name", "alpha", "decay", "prior", "calibrate_after", "z_min", "season_buckets",
                "alpha_season", "alpha_resid", "season_weight", "z_cap", "alpha_short", "alpha_long",
-               "short_min", "likelihood_weight", "recur_mark", "recur_days", "recur_factor")
+               "short_min", "likelihood_weight", "recur_mark", "recur_days", "recur_factor",
+               "record_margin")
 
     def __init__(
         self,
@@ -143,11 +156,14 @@ class MetricDetector(Detector):
         recur_mark: float = 2.3,
         recur_days: int = 2,
         recur_factor: float = 0.0,
+        record_margin: float = 0.02,
     ) -> None:
         if not 1 <= season_buckets <= 48:
             raise ValueError(f"season_buckets={season_buckets!r}: need 1..48")
         if calibrate_after < 1:
             raise ValueError(f"calibrate_after={calibrate_after!r}: need >= 1")
+        if not record_margin >= 0.0:
+            raise ValueError(f"record_margin={record_margin!r}: need >= 0")
         if recur_days < 1 or (recur_days + 1) * season_buckets > _MASK_BITS:
             raise ValueError(f"recur_days={recur_days!r}: need 1 <= (recur_days + 1) * "
                              f"season_buckets <= {_MASK_BITS} (one float holds the marks)")
@@ -169,6 +185,9 @@ class MetricDetector(Detector):
         self.recur_mark = recur_mark
         self.recur_days = recur_days
         self.recur_factor = recur_factor
+        self.record_margin = record_margin
+        self._low = 0.0
+        self._high = 0.0
         self._day = 0.0
         self._marks = 0
         self._n = 0
@@ -293,6 +312,12 @@ class MetricDetector(Detector):
             marks >>= nb
         return True
 
+    def _record(self, v: float) -> bool:
+        """Is ``v`` outside the learned range by more than ``record_margin`` of its width?"""
+        width = self._high - self._low
+        margin = self.record_margin * width
+        return width > 0.0 and (v > self._high + margin or v < self._low - margin)
+
     def assess(self, x: Mapping[str, Any]) -> Assessment:
         v = self._value(x)
         if v is None or self._n == 0:
@@ -312,14 +337,15 @@ class MetricDetector(Detector):
         return Assessment(max(s_tail, s_like), v, self._mean, f"{test}:{which}",
                           direction="up" if signed >= 0 else "down",
                           extra={"z": zv, "z_time_of_day": zh,
-                                 "short_mean_z": short * self.z_cap})
+                                 "short_mean_z": short * self.z_cap,
+                                 "record": float(self._record(v))})
 
     def learn_one(self, x: Mapping[str, Any], w: float = 1.0) -> None:
         v = self._value(x)
         if v is None:
             return
         if self._n == 0:
-            self._mean = v
+            self._mean = self._low = self._high = v
             self._n = 1
             return
         b = self._bucket(x)
@@ -348,12 +374,14 @@ class MetricDetector(Detector):
             self._levels[b] += self.alpha_season * w * (v - self._levels[b])
         if w > 0.0:
             self._mean, self._var = ew_update(self._mean, self._var, v, self.alpha * w)
+            self._low = min(self._low, v)
+            self._high = max(self._high, v)
         self._n += 1
 
     def to_state(self) -> tuple[float, ...]:
         return (float(self._n), self._mean, self._var, self._resid_var, float(self._seen),
                 self._short, self._long_mean, self._long_var, self._day, float(self._marks),
-                *self._levels, *self._hist)
+                self._low, self._high, *self._levels, *self._hist)
 
     def from_state(self, state: Sequence[float]) -> None:
         want = _N_SCALARS + self.season_buckets + len(Z_EDGES)
@@ -365,5 +393,6 @@ class MetricDetector(Detector):
         self._seen = int(vals[4])
         self._short, self._long_mean, self._long_var, self._day = vals[5:9]
         self._marks = int(vals[9])
+        self._low, self._high = vals[10:12]
         self._levels = vals[_N_SCALARS:_N_SCALARS + self.season_buckets]
         self._hist = vals[_N_SCALARS + self.season_buckets:]

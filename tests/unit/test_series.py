@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from models.detectors import MetricDetector
 from models.series import DetectorConfig, SeriesDetector, anomaly_score, state_size_bytes
 from tests.unit.test_detector_contract import GAMMA
 
@@ -81,6 +82,31 @@ def test_config_rejects_nonsense() -> None:
         DetectorConfig(threshold=0)
     with pytest.raises(ValueError, match="warmup_windows"):
         DetectorConfig(warmup_windows=-1)
+
+
+def test_config_rejects_a_negative_record_rule() -> None:
+    with pytest.raises(ValueError, match="metric_record_gap"):
+        DetectorConfig(metric_record_gap=-1)
+    with pytest.raises(ValueError, match="metric_record_margin"):
+        DetectorConfig(metric_record_margin=-0.5)
+
+
+def test_a_version_1_state_keeps_request_baselines_and_restarts_gauges() -> None:
+    # Version 2 changed the gauge layout (same length): after an upgrade the stored
+    # request baselines are kept and the gauges relearn rather than being misread.
+    det = SeriesDetector("svc|/r|")
+    for w in clean_windows(seed=24, n=300):
+        det.update(w)
+    version, signals, starts = det.to_state()
+    assert version == 2
+    restored = SeriesDetector.restore("svc|/r|", (1, signals, starts))
+    before = {sig: state for sig, state, _ in signals}
+    after = {sig: state for sig, state, _ in restored.to_state()[1]}
+    for sig in ("latency", "errors", "traffic"):
+        assert after[sig] == before[sig]
+    assert after["metric:cpu"] == MetricDetector(name="cpu").to_state() != before["metric:cpu"]
+    with pytest.raises(ValueError, match="version"):
+        SeriesDetector.restore("svc|/r|", (3, signals, starts))
 
 
 def test_anomaly_score_is_half_at_threshold() -> None:
