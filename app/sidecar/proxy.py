@@ -10,6 +10,13 @@ Egress: a service calls its dependency NAME through
 ``http://<admin-host>:<admin-port>/_egress/NAME/<path>`` (path prefix on the sidecar's
 local admin listener, so one port serves every dependency); an isolated dependency
 fails fast with 503 and ``X-Stanch-Isolated: NAME``.
+
+Telemetry (``schemas.records.RequestEvent``): a request Stanch itself refused (throttle
+429, shed or isolate 503) is sent with ``error: false``: it is still counted (the series
+keeps seeing the offered load), but it is not a failure of the service or of the
+dependency, so an isolation's own fail-fast answers cannot look like the dependency still
+failing while its half-open probes succeed. A forward that timed out or could not connect
+is ``error: true`` whatever its status; otherwise the status decides (>= 500 is an error).
 """
 
 from __future__ import annotations
@@ -115,17 +122,17 @@ class Proxy:
         now = self._clock()
         route = self.ingress_routes.match(request.path)
         decision = self.table.decide_ingress(route, now)
-        error: str | None
+        failed: bool | None
         if decision.status:
-            response, error = self._refuse(decision), decision.reason
+            response, failed = self._refuse(decision), False
             if decision.status == 429:
                 self.counters.ingress_throttled += 1
             else:
                 self.counters.ingress_shed += 1
         else:
-            response, error = await self._forward(request, self.upstream + request.raw_path)
+            response, failed = await self._forward(request, self.upstream + request.raw_path)
             self.counters.ingress_passed += 1
-        self._record(now, route, request.method, response.status, error, started, None)
+        self._record(now, route, request.method, response.status, failed, started, None)
         return response
 
     async def egress(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -140,14 +147,14 @@ class Proxy:
         path = rest.split("?", 1)[0]
         route = self.egress_routes.match(path)
         decision = self.table.decide_egress(name, now)
-        error: str | None
+        failed: bool | None
         if decision.status:
-            response, error = self._refuse(decision), decision.reason
+            response, failed = self._refuse(decision), False
             self.counters.egress_isolated += 1
         else:
-            response, error = await self._forward(request, base + rest)
+            response, failed = await self._forward(request, base + rest)
             self.counters.egress_passed += 1
-        self._record(now, route, request.method, response.status, error, started, name)
+        self._record(now, route, request.method, response.status, failed, started, name)
         return response
 
     # ------------------------------------------------------------------ helpers
@@ -162,8 +169,9 @@ class Proxy:
 
     async def _forward(
         self, request: web.BaseRequest, url: str
-    ) -> tuple[web.Response, str | None]:
-        """Forward one request; the second value is the error text for telemetry."""
+    ) -> tuple[web.Response, bool | None]:
+        """Forward one request; the second value is telemetry's ``error`` (True when the
+        forward itself failed, None when the upstream's status decides)."""
         session = self._session
         assert session is not None, "Proxy.start() was not awaited"
         body = await request.read() if request.body_exists else None
@@ -182,11 +190,11 @@ class Proxy:
                 return response, None
         except TimeoutError:
             self.counters.upstream_errors += 1
-            return web.Response(status=504, text="upstream timed out\n"), "upstream timeout"
+            return web.Response(status=504, text="upstream timed out\n"), True
         except aiohttp.ClientError as exc:
             self.counters.upstream_errors += 1
-            error = f"upstream unreachable: {type(exc).__name__}"
-            return web.Response(status=502, text=f"{error}\n"), error
+            text = f"upstream unreachable: {type(exc).__name__}"
+            return web.Response(status=502, text=f"{text}\n"), True
 
     def _record(
         self,
@@ -194,7 +202,7 @@ class Proxy:
         route: str,
         method: str,
         status: int,
-        error: str | None,
+        failed: bool | None,
         started: float,
         dependency: str | None,
     ) -> None:
@@ -206,6 +214,6 @@ class Proxy:
         event["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
         if dependency is not None:
             event["dependency"] = dependency
-        if error:
-            event["error"] = error
+        if failed is not None:
+            event["error"] = failed
         self.telemetry.record(event)

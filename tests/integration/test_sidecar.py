@@ -24,6 +24,7 @@ from app.broker import free_port
 from app.keys import generate_keypair
 from app.settings import Settings
 from app.sidecar import Sidecar, SidecarOptions
+from schemas.records import RequestEvent
 from schemas.signing import load_private_key, sign_command
 
 pytestmark = pytest.mark.integration
@@ -222,8 +223,10 @@ def test_throttle_end_to_end_with_telemetry(topics: Settings, keys_dir: Path,
             assert len(events) == 7
             throttled = [e for e in events if e["status"] == 429]
             assert len(throttled) == 3
-            assert all(e["route"] == "/orders/{id}" and e["error"] == "throttled"
+            # refused by Stanch: counted, but not a failure of the service
+            assert all(e["route"] == "/orders/{id}" and e["error"] is False
                        for e in throttled)
+            assert all("error" not in e for e in events if e["status"] != 429)
             assert {e["route"] for e in events} == {"/orders/{id}", "/search"}
             assert all(e["service"] == SERVICE and e["version"] == "v42" for e in events)
             assert all(e["latency_ms"] >= 0 and e["ts"] > 0 for e in events)
@@ -256,6 +259,8 @@ async def read_request_events(settings: Settings, want: int,
                     assert record.key == SERVICE.encode()
                     batch = orjson.loads(record.value)
                     assert isinstance(batch, list)  # sidecars publish batches
+                    for event in batch:  # what the pipeline accepts, not dead letters
+                        RequestEvent.from_dict(event)
                     events.extend(batch)
         return events
     finally:
@@ -294,8 +299,10 @@ def test_isolate_egress_fails_fast_then_restore(topics: Settings, keys_dir: Path
         up, up_url = await start_app(upstream_app("checkout"))
         pay, pay_url = await start_app(upstream_app("payments"))
         inv, inv_url = await start_app(upstream_app("inventory"))
+        down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         sidecar = await start_sidecar(
-            topics, keys_dir, up_url, dependencies={"payments": pay_url, "inventory": inv_url}
+            topics, keys_dir, up_url,
+            dependencies={"payments": pay_url, "inventory": inv_url, "ledger": down},
         )
         try:
             async with aiohttp.ClientSession() as http, Acks(topics) as acks:
@@ -313,15 +320,20 @@ def test_isolate_egress_fails_fast_then_restore(topics: Settings, keys_dir: Path
                 assert time.perf_counter() - started < 0.5  # fails fast
                 assert await status_of(http, f"{sidecar.egress_url('inventory')}/stock") == 200
                 assert await status_of(http, f"{sidecar.egress_url('nope')}/x") == 404
+                assert await status_of(http, f"{sidecar.egress_url('ledger')}/post") == 502
                 restore = signer.command("restore", params={"kind": "isolate",
                                                             "target": "payments"})
                 await publish(topics, restore)
                 await acks.wait(restore["id"], "applied")
                 assert await status_of(http, f"{sidecar.egress_url('payments')}/charge/6") == 200
-            events = await read_request_events(topics, want=4)  # the 404 is not proxied
+            events = await read_request_events(topics, want=5)  # the 404 is not proxied
             egress = [e for e in events if e.get("dependency") == "payments"]
             assert [e["status"] for e in egress] == [200, 503, 200]
-            assert egress[1]["error"] == "isolated"
+            # the isolation's own fail-fast answer is not the dependency failing ...
+            assert egress[1]["error"] is False and "error" not in egress[0]
+            # ... a dependency that cannot be reached is
+            ledger = [e for e in events if e.get("dependency") == "ledger"]
+            assert [(e["status"], e["error"]) for e in ledger] == [(502, True)]
         finally:
             await sidecar.stop()
             for runner in (up, pay, inv):
