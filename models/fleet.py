@@ -380,7 +380,9 @@ class _Batch:
     instance: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     timeout: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
     # per call made: (call, caller indexes, egress latency, egress status)
-    egress: list[tuple[Call, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    #: (call, caller rows, latency, status, refused: cut by an isolation)
+    egress: list[tuple[Call, np.ndarray, np.ndarray, np.ndarray, bool]] = field(
+        default_factory=list)
 
 
 # --------------------------------------------------------------------------- fleet
@@ -792,7 +794,7 @@ class Fleet:
                         lo, hi = callee.sources[(name, route.path)]
                         e_lat = callee.latency[lo:hi] + cfg.network_ms
                         e_status = callee.status[lo:hi]
-                    b.egress.append((call, idx, e_lat, e_status))
+                    b.egress.append((call, idx, e_lat, e_status, cut))
                     lat[idx] += e_lat
                     spread = (e_status >= 500) & (rng.random(len(idx)) < cfg.error_propagation)
                     hit = idx[spread]
@@ -824,7 +826,7 @@ class Fleet:
                 keep = _visible(b.ts, gaps)
                 events.extend(_ingress_dicts(name, route, b, names, version_tags, keep))
                 self._error_events(name, route, b, names, version_tags, keep, out)
-                for call, idx, e_lat, e_status in b.egress:
+                for call, idx, e_lat, e_status, refused in b.egress:
                     if len(idx) == 0:
                         continue
                     callee_route = self._specs[call.service].route(call.route)
@@ -832,7 +834,8 @@ class Fleet:
                     e_keep = _visible(ts, gaps)
                     events.extend(_egress_dicts(
                         name, callee_route, call.service, ts, e_lat, e_status,
-                        names[b.instance[idx]], version_tags[b.instance[idx]], e_keep))
+                        names[b.instance[idx]], version_tags[b.instance[idx]], e_keep,
+                        refused))
             if events:
                 out.requests[name] = events
 
@@ -877,7 +880,7 @@ def _ingress_dicts(service: str, route: RouteSpec, b: _Batch, names: np.ndarray,
         order = order[keep[order]]
     inst = b.instance[order]
     path, method = route.path, route.method
-    return [
+    events = [
         {"ts": ts, "service": service, "route": path, "method": method, "status": st,
          "latency_ms": lat, "instance": i, "version": v}
         for ts, st, lat, i, v in zip(
@@ -885,18 +888,26 @@ def _ingress_dicts(service: str, route: RouteSpec, b: _Batch, names: np.ndarray,
             np.round(b.latency[order], 3).tolist(), names[inst].tolist(),
             version_tags[inst].tolist(), strict=True)
     ]
+    # refused by a throttle or shed: error false, as the sidecar reports it
+    for k in np.flatnonzero(b.pre_status[order] != 0).tolist():
+        events[k]["error"] = False
+    return events
 
 
 def _egress_dicts(service: str, route: RouteSpec, dependency: str, ts: np.ndarray,
                   latency: np.ndarray, status: np.ndarray, instances: np.ndarray,
-                  versions: np.ndarray, keep: np.ndarray | None) -> list[dict[str, Any]]:
+                  versions: np.ndarray, keep: np.ndarray | None,
+                  refused: bool = False) -> list[dict[str, Any]]:
+    """Egress events; calls ``refused`` by an isolation carry error false, as the
+    sidecar reports its own fail-fast answers."""
     order = np.argsort(ts, kind="stable")
     if keep is not None:
         order = order[keep[order]]
     path, method = route.path, route.method
+    extra = {"error": False} if refused else {}
     return [
         {"ts": t, "service": service, "route": path, "method": method, "status": st,
-         "latency_ms": lat, "instance": i, "version": v, "dependency": dependency}
+         "latency_ms": lat, "instance": i, "version": v, "dependency": dependency, **extra}
         for t, st, lat, i, v in zip(
             np.round(ts[order], 6).tolist(), status[order].tolist(),
             np.round(latency[order], 3).tolist(), instances[order].tolist(),

@@ -101,6 +101,8 @@ class Incident:
     signals: dict[str, dict[str, Any]] = field(default_factory=dict)
     suspect: dict[str, Any] | None = None
     masked_edges: set[str] = field(default_factory=set)
+    #: edges under any isolation step, full or half-open (masked_edges: full only)
+    isolated_edges: set[str] = field(default_factory=set)
     reason: str = ""
 
     @property
@@ -119,6 +121,7 @@ class Incident:
         d["members"] = sorted(self.members)
         d["anomalous"] = sorted(self.anomalous)
         d["masked_edges"] = sorted(self.masked_edges)
+        d["isolated_edges"] = sorted(self.isolated_edges)
         return d
 
     @classmethod
@@ -127,6 +130,8 @@ class Incident:
         d["members"] = set(d.get("members", ()))
         d["anomalous"] = set(d.get("anomalous", ()))
         d["masked_edges"] = set(d.get("masked_edges", ()))
+        # (a snapshot from before this field knew only the fully isolated edges)
+        d["isolated_edges"] = set(d.get("isolated_edges", d["masked_edges"]))
         d["edges"] = {c: dict(deps) for c, deps in d.get("edges", {}).items()}
         d["signals"] = {k: dict(v) for k, v in d.get("signals", {}).items()}
         return cls(**d)
@@ -424,13 +429,17 @@ class IncidentBook:
                                        details={"merged_from": other.id}))
 
     def _is_masked(self, inc: Incident, a: dict) -> bool:
-        """Anomalies a full isolation itself causes: the caller's egress to the isolated
-        dependency, and the caller's own error rate (its calls now fail fast)."""
+        """Anomalies an isolation itself causes. The caller's egress to a fully isolated
+        dependency (half-open, that series carries the probes' outcome: not masked, a
+        failing probe must reopen the circuit), and the caller's own error rate while any
+        isolation step is in force (full or half-open, most of its calls still fail fast:
+        judged by it, a dependency that has recovered would never pass its half-open step
+        and the isolation would outlive the incident)."""
         svc, dep = a["service"], a["dependency"]
         if dep:
             return f"{svc}>{dep}" in inc.masked_edges
         return a["signal"] == "errors" and any(
-            e.startswith(f"{svc}>") for e in inc.masked_edges)
+            e.startswith(f"{svc}>") for e in inc.isolated_edges)
 
     def _reroot(self, inc: Incident, ws: float, now: float, entries: list) -> None:
         """Move the root downstream to the farthest qualified service (BFS on edges)."""
@@ -604,11 +613,14 @@ class IncidentBook:
         """A timeline entry that does not change state (decision, command, restore_step)."""
         return self._entry(self._incidents[incident_id], entry, now, reason, **extra)
 
-    def set_masked(self, incident_id: str, edges: set[str]) -> None:
-        """Edges "caller>dep" fully isolated by a mitigation (see _is_masked)."""
+    def set_masked(self, incident_id: str, edges: set[str],
+                   isolated: set[str] | None = None) -> None:
+        """Edges "caller>dep" fully isolated by a mitigation, and those under any
+        isolation step (default: the same; see _is_masked)."""
         inc = self._incidents.get(incident_id)
         if inc is not None:
             inc.masked_edges = set(edges)
+            inc.isolated_edges = set(edges if isolated is None else isolated) | inc.masked_edges
 
     def _entry(self, inc: Incident, entry: str, now: float, reason: str,
                **extra: Any) -> TimelineEntry:

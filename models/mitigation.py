@@ -255,8 +255,13 @@ class Mitigator:
             return
         for prop in self._propose(inc, now):
             self._consider(book, inc, prop, now, res)
-        book.set_masked(inc.id, {f"{a.service}>{a.target}" for a in self._acts(inc.id)
-                                 if a.kind == "isolate" and a.step == 0})
+        self._mask(book, inc)
+
+    def _mask(self, book: IncidentBook, inc: Incident) -> None:
+        """Tell the book which edges this incident isolates, fully and at any step."""
+        isolates = [a for a in self._acts(inc.id) if a.kind == "isolate"]
+        book.set_masked(inc.id, {f"{a.service}>{a.target}" for a in isolates if a.step == 0},
+                        {f"{a.service}>{a.target}" for a in isolates})
 
     def _hysteresis_met(self, inc: Incident, now: float) -> bool:
         """``min_anomalies`` anomalous windows and ``min_duration_s`` since onset, except
@@ -552,8 +557,7 @@ class Mitigator:
                                            f"{act.kind} {act.service} -> {act.target}: "
                                            f"{d.reason}", command_id=d.command_id,
                                            details={"params": params, "step": act.step}))
-        book.set_masked(inc.id, {f"{a.service}>{a.target}" for a in self._acts(inc.id)
-                                 if a.kind == "isolate" and a.step == 0})
+        self._mask(book, inc)
         if not self._acts(inc.id):
             res.add(book.resolve(
                 inc.id, now, "restored: every mitigation removed and signals stable"))

@@ -313,6 +313,32 @@ def test_half_open_probe_that_fails_reopens_the_circuit() -> None:
     assert opened_again, [d.params for d in checkout]
 
 
+def test_isolated_callers_own_errors_do_not_hold_the_circuit_open() -> None:
+    # While a caller's calls to the isolated dependency fail fast (fully, or all but the
+    # half-open share) its own error rate stays up: that is the isolation's doing. The
+    # dependency recovers at onset + 90; the probes find it healthy, so the circuit must
+    # close and the incident resolve, not flap between open and half-open.
+    h = Harness()
+
+    def scenario(hh: Harness, t: int) -> tuple[list, list, list]:
+        ws, an, ch = dependency_failure()(hh, t)
+        isolating = {d.service for _, d in hh.decisions if d.kind == "isolate"}
+        isolating -= {d.service for _, d in hh.decisions if d.kind == "restore"}
+        an += [anomaly(svc, t, "errors", route="/cart") for svc in sorted(isolating)
+               if t >= 190]
+        return ws, an, ch
+
+    h.run(0, 420, scenario)
+    checkout = [d for _, d in h.decisions if d.service == "checkout"]
+    half = [d for d in checkout if d.kind == "isolate" and "half_open_share" in d.params]
+    reopened = [i for i, d in enumerate(checkout) if i and d.kind == "isolate"
+                and "half_open_share" not in d.params
+                and "half_open_share" in checkout[i - 1].params]
+    assert half and not reopened, [(d.kind, d.params) for d in checkout]
+    assert any(d.kind == "restore" and d.target == "payments" for d in checkout)
+    assert h.book.incidents()[0].state == "resolved"
+
+
 def test_clean_fleet_issues_nothing() -> None:
     h = Harness()
     h.run(0, 600, lambda hh, t: (healthy(t), [], []))
