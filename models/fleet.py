@@ -379,8 +379,8 @@ class _Batch:
     status: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     instance: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     timeout: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
-    # per call made: (call, caller indexes, egress latency, egress status)
-    #: (call, caller rows, latency, status, refused: cut by an isolation)
+    # per call made: (call, caller indexes, egress latency, egress status, refused: cut
+    # by an isolation)
     egress: list[tuple[Call, np.ndarray, np.ndarray, np.ndarray, bool]] = field(
         default_factory=list)
 
