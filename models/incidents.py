@@ -613,14 +613,13 @@ class IncidentBook:
         """A timeline entry that does not change state (decision, command, restore_step)."""
         return self._entry(self._incidents[incident_id], entry, now, reason, **extra)
 
-    def set_masked(self, incident_id: str, edges: set[str],
-                   isolated: set[str] | None = None) -> None:
-        """Edges "caller>dep" fully isolated by a mitigation, and those under any
-        isolation step (default: the same; see _is_masked)."""
+    def set_masked(self, incident_id: str, full: set[str], any_step: set[str]) -> None:
+        """Edges "caller>dep" a mitigation isolates fully, and at any step (full or
+        half-open; see _is_masked)."""
         inc = self._incidents.get(incident_id)
         if inc is not None:
-            inc.masked_edges = set(edges)
-            inc.isolated_edges = set(edges if isolated is None else isolated) | inc.masked_edges
+            inc.masked_edges = set(full)
+            inc.isolated_edges = set(any_step)
 
     def _entry(self, inc: Incident, entry: str, now: float, reason: str,
                **extra: Any) -> TimelineEntry:
