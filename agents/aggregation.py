@@ -21,13 +21,30 @@ the whole design). What this module adds is the Kafka side of crash safety:
 * Every offset of a partition is aggregated exactly once, in order, whatever Faust
   delivers: duplicates are not aggregated again, and a lost message (a jump in offsets)
   makes the agent seek the partition back and re-read it (``_redelivered``, ``_gap``).
+* Events are aggregated on their series' home partition whatever their Kafka key: an
+  element whose service does not hash (murmur2, as Kafka's default partitioner does with
+  the service as key) to the partition it arrived on is forwarded there, keyed by its
+  service, with a header naming its source offset; the home partition drops a second
+  copy of a forward (a source replayed after a crash), so one series is never
+  aggregated on two partitions and never twice.
+* Robust clock: the worker's wall clock bounds event time (``close_ready(..., now)``),
+  so a producer ahead of it cannot close anyone's windows; an idle partition closes its
+  windows on the furthest event time the consumer has delivered on any partition (capped
+  by the wall clock), not on the wall clock alone, so a worker reading a backlog or a
+  fleet on a simulated clock behind the wall clock does not make their events late.
+* Every message is processed or dead-lettered: a tombstone (null value) with category
+  ``tombstone``. Dead letters are delivered before the progress that covers their
+  message is recorded, and a replayed message (offset at or below the recorded one) is
+  not dead-lettered again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -56,6 +73,12 @@ WINDOWS_PER_MESSAGE = 500
 #: A partition with no input for this long (wall clock) closes its finished windows.
 IDLE_FLUSH_S = 1.0
 _IDLE_TICK_S = 0.25
+#: Header of a message the agent forwarded to its series' home partition:
+#: ``topic:partition:offset`` of the message it came from.
+FORWARD_HEADER = "stanch-forwarded-from"
+#: Services whose home partition is remembered (a dict lookup instead of murmur2 per
+#: event); beyond this the map starts over (only a cost, never a different answer).
+HOME_CACHE_SIZE = 100_000
 #: A lost message is re-read by seeking back; the seek is retried after this long if
 #: what arrives still comes from before it, and a gap still there after SEEK_TRIES
 #: re-reads is taken as real.
@@ -91,6 +114,21 @@ def decode_message(value: bytes | None) -> tuple[list[Any] | None, str | None]:
     return None, "must be an event object or a JSON array of event objects"
 
 
+def _forwarded_from(headers: Any) -> tuple[str, int] | None:
+    """(source "topic:partition", source offset) of a forwarded message, else None."""
+    if not headers:
+        return None
+    items = headers.items() if isinstance(headers, dict) else headers
+    for name, raw in items:
+        if name == FORWARD_HEADER:
+            try:
+                src, _, off = bytes(raw).decode().rpartition(":")
+                return src, int(off)
+            except (ValueError, UnicodeDecodeError):
+                return None
+    return None
+
+
 def parse_request_element(obj: Any) -> Any:
     """A request event, or a window summary a service aggregated itself."""
     if type(obj) is dict and "window_start" in obj:
@@ -116,6 +154,8 @@ class _TpState:
     seek_at: float = 0.0
     seek_tries: int = 0
     pending: deque[tuple[Any, int | None]] = field(default_factory=deque)
+    #: forwards aggregated here: source "topic:partition" -> (its offset, our offset)
+    fwd: dict[str, list[int]] = field(default_factory=dict)
     finisher: asyncio.Future[None] | None = None  # the last delivery/ack step scheduled
     last_input: float = field(default_factory=time.monotonic)
 
@@ -142,12 +182,19 @@ class AggregationAgent:
         self.deadletters = DeadLetters(app, AGENT)
         self.lock = asyncio.Lock()
         self.states: dict[tuple[str, int], _TpState] = {}
+        self.forward_topics = {
+            name: app.topic(name, key_serializer="raw", value_serializer="raw")
+            for name in (s.topic("requests"), s.topic("errors"))
+        }
+        self._homes: dict[str, int] = {}
+        self._to_forward: dict[str, list[Any]] = {}
         self.parsers: dict[str, Callable[[Any], Any]] = {
             s.topic("requests"): parse_request_element,
             s.topic("errors"): ErrorEvent.from_dict,
         }
         #: figures for status pages, tests and the benchmark
-        self.stats = {"events": 0, "windows": 0, "messages": 0}
+        self.stats = {"events": 0, "windows": 0, "messages": 0, "forwarded": 0,
+                      "duplicate forwards": 0}
 
     # -- partition state -------------------------------------------------------------
     def _state(self, topic: str, partition: int) -> _TpState:
@@ -161,6 +208,7 @@ class AggregationAgent:
                 self.agg.restore(key, PartitionProgress.from_dict(stored))
                 st.replay_until = int(stored.get("offset", -1))
                 st.expect = int(stored.get("resume", -1))
+                st.fwd = {k: list(v) for k, v in (stored.get("fwd") or {}).items()}
             else:
                 self.agg.drop(key)
             self.states[tp] = st
@@ -193,41 +241,106 @@ class AggregationAgent:
             # queued first: whatever happens below, the message is acked in offset order
             st.pending.append((event, None))
             self.stats["messages"] += 1
-            elements, problem = decode_message(value)
-            if problem is not None:
-                await self.deadletters.send(
-                    "not json" if problem.startswith("not JSON") else "schema", problem,
-                    value, source_topic=topic, partition=partition, offset=offset,
-                    key=msg.key,
-                )
+            replaying = offset <= st.replay_until
+            futures: list[Any] = []  # dead letters and forwards, delivered before the ack
+
+            async def dead(category: str, reason: Any, raw: Any) -> None:
+                if replaying:  # written (and delivered) before the restart
+                    return
+                fut = await self.deadletters.send(category, reason, raw, source_topic=topic,
+                                                  partition=partition, offset=offset,
+                                                  key=msg.key)
+                if fut is not None:
+                    futures.append(fut)
+
+            if value is None:
+                await dead("tombstone", "null value (tombstone): nothing to aggregate", None)
+                elements: list[Any] | None = []
+            else:
+                elements, problem = decode_message(value)
+                if problem is not None:
+                    await dead("not json" if problem.startswith("not JSON") else "schema",
+                               problem, value)
+                    elements = []
+            source = _forwarded_from(msg.headers)
+            if source is not None and self._duplicate_forward(st, source, offset):
                 elements = []
             parse = self.parsers[topic]
             records = []
             for i, obj in enumerate(elements):  # type: ignore[arg-type]
                 try:
-                    records.append(parse(obj))
+                    record = parse(obj)
                 except SchemaError as exc:
                     where = exc.at(f"[{i}]") if len(elements) > 1 else exc  # type: ignore[arg-type]
-                    await self.deadletters.send(
-                        "schema", where, obj, source_topic=topic, partition=partition,
-                        offset=offset, key=msg.key,
-                    )
-            result = self.agg.add_batch(st.key, records, time.time())
+                    await dead("schema", where, obj)
+                    continue
+                if source is None and self._home(record.service) != partition:
+                    self._forward_later(obj, record.service)
+                else:
+                    records.append(record)
+            if self._to_forward:
+                futures.extend(self._send_forwards(topic, partition, offset))
+            now = time.time()
+            result = self.agg.add_batch(st.key, records, now)
             self.stats["events"] += len(records) - len(result.rejects)
-            replaying = offset <= st.replay_until
             for rej in result.rejects:
                 if rej.reason == LATE and replaying:
                     continue  # its window was emitted before the restart
-                await self._reject(rej.reason, rej.record, topic, partition, offset, msg.key)
+                fut = await self._reject(rej.reason, rej.record, topic, partition, offset,
+                                         msg.key, now, replaying)
+                if fut is not None:
+                    futures.append(fut)
+            if futures:  # delivered before anything later of this partition is acked
+                st.finisher = asyncio.ensure_future(
+                    self._finish(stream, st, st.finisher, futures, None, []))
             max_k = result.max_k
             st.pending[-1] = (event, max_k)
             before = self.agg.closed_k(st.key)
-            windows = self.agg.close_ready(st.key)
+            windows = self.agg.close_ready(st.key, now)
             closed = self.agg.closed_k(st.key)
             if (windows or closed != before
                     or (len(st.pending) == 1
                         and (max_k is None or (closed is not None and max_k <= closed)))):
                 self._close(stream, st, windows, offset)
+
+    # -- routing by series ---------------------------------------------------------
+    def _home(self, service: str) -> int:
+        """The partition Kafka's default partitioner gives a message keyed ``service``."""
+        home = self._homes.get(service)
+        if home is None:
+            if len(self._homes) >= HOME_CACHE_SIZE:
+                self._homes.clear()
+            home = self._homes[service] = windows_partition(service, self.settings.partitions)
+        return home
+
+    def _forward_later(self, obj: Any, service: str) -> None:
+        self._to_forward.setdefault(service, []).append(obj)
+
+    def _send_forwards(self, topic: str, partition: int, offset: int) -> list[Any]:
+        """Send the elements that belong to other partitions there, one message per
+        service keyed by it, with the source offset in a header (module doc)."""
+        groups, self._to_forward = self._to_forward, {}
+        header = [(FORWARD_HEADER, f"{topic}:{partition}:{offset}".encode())]
+        out = []
+        for service, objs in sorted(groups.items()):
+            self.stats["forwarded"] += len(objs)
+            out.append(asyncio.ensure_future(self.forward_topics[topic].send(
+                key=service.encode(), value=orjson.dumps(objs), partition=self._home(service),
+                headers=header, force=True)))
+        return out
+
+    def _duplicate_forward(self, st: _TpState, source: tuple[str, int], offset: int) -> bool:
+        """True for a second copy of a forward (its source was replayed after a crash):
+        a source offset not beyond the last one aggregated here, at an offset of ours
+        beyond where that one was. A replay of our own partition re-reads the first copy
+        at or below that offset and aggregates it again, as it must."""
+        src, src_offset = source
+        seen = st.fwd.get(src)
+        if seen is not None and src_offset <= seen[0] and offset > seen[1]:
+            self.stats["duplicate forwards"] += 1
+            return True
+        st.fwd[src] = [src_offset, offset]
+        return False
 
     def _redelivered(self, stream: Any, st: _TpState, event: Any, offset: int) -> None:
         """A message at or below the last offset this partition processed came again.
@@ -295,10 +408,14 @@ class AggregationAgent:
         return False
 
     async def _reject(self, reason: str, record: Any, topic: str, partition: int,
-                      offset: int, key: Any) -> None:
+                      offset: int, key: Any, now: float, replaying: bool) -> Any:
+        """Dead-letter one refused record; the delivery future (None during a replay:
+        the first run wrote it)."""
+        if replaying:
+            return None
         if reason == LATE:
             text = (f"late: window already closed (watermark "
-                    f"{self.agg.watermark(f'{topic}:{partition}'):.3f}, grace "
+                    f"{self.agg.watermark(f'{topic}:{partition}', now):.3f}, grace "
                     f"{self.settings.grace_s} s)")
         elif reason == CLOCK_SKEW:
             text = (f"clock skew: ts {record.ts:.3f} is more than "
@@ -306,8 +423,9 @@ class AggregationAgent:
         else:
             text = reason
         category = reason if reason in (LATE, CLOCK_SKEW) else "window"
-        await self.deadletters.send(category, text, record.to_dict(), source_topic=topic,
-                                    partition=partition, offset=offset, key=key)
+        return await self.deadletters.send(category, text, record.to_dict(),
+                                           source_topic=topic, partition=partition,
+                                           offset=offset, key=key)
 
     def _close(self, stream: Any, st: _TpState, windows: list[dict[str, Any]],
                offset: int) -> None:
@@ -328,6 +446,8 @@ class AggregationAgent:
             # where a restarted worker must start reading at the latest: the oldest
             # message that contributed to a window still open
             prog["resume"] = st.pending[0][0].message.offset if st.pending else offset + 1
+            if st.fwd:
+                prog["fwd"] = {src: list(v) for src, v in st.fwd.items()}
             self.stats["windows"] += len(windows)
         st.finisher = asyncio.ensure_future(
             self._finish(stream, st, st.finisher, futures, prog, ready)
@@ -361,7 +481,8 @@ class AggregationAgent:
                 await previous
             # 1. the windows are delivered ...
             for fut in await asyncio.gather(*futures):
-                await fut
+                if inspect.isawaitable(fut):  # a send's delivery future
+                    await fut
             # 2. ... before the progress says they were emitted ...
             if prog is not None:
                 self.progress.data[st.key] = prog
@@ -399,18 +520,44 @@ class AggregationAgent:
         embedded broker's are not reliable enough to decide "nothing left to read".)"""
         return st.last_offset < st.replay_until
 
+    def _backlog(self, st: _TpState) -> bool:
+        """True when the consumer knows of messages of this partition beyond the last
+        one processed. Only ever used to hold a flush back: a high-water mark can be
+        stale (too low), never too high, so "backlog" is certain, "none" is not."""
+        try:
+            high = self.app.consumer.highwater(TP(st.key.rpartition(":")[0], st.partition))
+        except Exception:  # no consumer yet, partition not assigned: nothing known
+            return False
+        return isinstance(high, int) and high > st.last_offset + 1
+
+    def delivered_clock(self, now: float, now_mono: float) -> float:
+        """How far event time has demonstrably been delivered: the largest event time
+        (capped by the wall clock ``now``) of the partitions that had input within
+        ``IDLE_FLUSH_S``; ``now`` when none had (the consumer is caught up everywhere).
+
+        This, not the wall clock alone, is what an idle partition may close its windows
+        against: a fleet on a clock behind the wall clock (the demo's simulated time) or a
+        worker catching up a backlog delivers the events of an idle partition along with
+        the others', so closing them by the wall clock made them all late."""
+        clock = -math.inf
+        for st in self.states.values():
+            if now_mono - st.last_input < IDLE_FLUSH_S:
+                clock = max(clock, min(self.agg.progress(st.key).max_ts, now))
+        return now if clock == -math.inf else clock
+
     async def flush_idle(self, stream: Any, now_mono: float | None = None) -> None:
         """Close finished windows of partitions that have had no input for a while."""
         if stream is None:
             return
         now_mono = time.monotonic() if now_mono is None else now_mono
         async with self.lock:
+            clock = self.delivered_clock(time.time(), now_mono)
             for st in list(self.states.values()):
                 if not st.pending or now_mono - st.last_input < IDLE_FLUSH_S:
                     continue
-                if self._replaying(st) or st.seek_to >= 0:
-                    continue  # not idle: replaying what was processed before a restart
-                windows = self.agg.close_idle(st.key, time.time())
+                if self._replaying(st) or st.seek_to >= 0 or self._backlog(st):
+                    continue  # not idle: more of it is known to exist
+                windows = self.agg.close_idle(st.key, clock)
                 self._close(stream, st, windows, st.last_offset)
 
 

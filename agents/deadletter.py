@@ -4,7 +4,9 @@ Every agent that refuses input sends it here instead of dropping it: the record 
 source topic, partition, offset and key, the reason in words and the raw input (cut to
 8 KiB), so an operator can see exactly what was wrong. ``counts`` groups rejections by a
 short category (``late``, ``clock skew``, ``schema``, ``not json`` ...) for metrics and
-tests; the full reason goes into the record.
+tests; the full reason goes into the record. A null-valued (tombstone) message is refused
+with category ``tombstone``: our input topics are not compacted, so a tombstone carries
+nothing, but it is still accounted for.
 """
 
 from __future__ import annotations
@@ -53,8 +55,12 @@ class DeadLetters:
         partition: int | None = None,
         offset: int | None = None,
         key: Any = None,
-    ) -> None:
-        """Publish one dead letter; never raises for a bad ``raw`` (it is clipped/encoded)."""
+    ) -> Any:
+        """Publish one dead letter; never raises for a bad ``raw`` (it is clipped/encoded).
+
+        Returns the send's delivery future (None when nothing was sent): an agent that
+        must know the dead letter is on the broker before it records progress (the
+        aggregation agent, so that a replay need not write it again) awaits it."""
         self.counts[category] += 1
         try:
             record = DeadLetter.make(
@@ -71,5 +77,5 @@ class DeadLetters:
         except Exception as exc:  # the dead letter itself must never take the agent down
             log.error("cannot build a dead letter for %s (%s): %s", source_topic, reason, exc)
             self.counts["deadletter failed"] += 1
-            return
-        await self.topic.send(key=None, value=value, force=True)
+            return None
+        return await self.topic.send(key=None, value=value, force=True)

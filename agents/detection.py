@@ -16,7 +16,11 @@
   is skipped, so replays and duplicates are harmless; anomaly ids are
   ``series|signal|window_start`` so downstream dedupes as well.
 * TTL: a timer drops series whose last window is ``series_ttl_s`` older (event time) than
-  the newest window this worker has seen (tombstone in the changelog).
+  the robust clock: the newest window this worker has seen, but never beyond the wall
+  clock (tombstone in the changelog). A window stamped in the future cannot expire live
+  baselines; one more than ``max_clock_skew_s`` ahead is dead-lettered (``clock skew``),
+  since it would also make every real window of its series look like a replay.
+* A null-valued (tombstone) message is dead-lettered with category ``tombstone``.
 * Mitigation hook: ``app.stanch_mitigated`` may be a set of services or a callable
   ``service -> bool``; windows of mitigated services are scored but not learned.
 
@@ -165,6 +169,13 @@ class DetectionAgent:
 
     async def handle(self, event: Any) -> None:
         msg = event.message
+        if msg.value is None:
+            await self.deadletters.send(
+                "tombstone", "null value (tombstone): no window summary", None,
+                source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                key=msg.key,
+            )
+            return
         elements, problem = decode_message(msg.value)
         if problem is not None:
             await self.deadletters.send(
@@ -181,6 +192,15 @@ class DetectionAgent:
                 await self.deadletters.send(
                     "schema", where, obj, source_topic=msg.topic, partition=msg.partition,
                     offset=msg.offset, key=msg.key,
+                )
+                continue
+            limit = time.time() + self.settings.max_clock_skew_s
+            if window.window_start > limit:
+                await self.deadletters.send(
+                    "clock skew", f"clock skew: window_start {window.window_start:.3f} is "
+                    f"more than {self.settings.max_clock_skew_s} s in the future", obj,
+                    source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                    key=msg.key,
                 )
                 continue
             await self.detect(window, msg.partition)
@@ -213,6 +233,30 @@ class DetectionAgent:
                 det = SeriesDetector(series, self.config)
         # (a detector that raised half-way is not cached: the next window decodes the table)
         findings = det.update(window.to_dict(), mitigated=self.is_mitigated(window.service))
+        # Anomalies are delivered before the state that says this window was processed is
+        # written: after a SIGKILL the replayed window is either re-scored (state not
+        # written) or its anomalies are already on the broker (written). The other order
+        # lost the anomalies of windows whose state reached the changelog first.
+        out = []
+        if findings:
+            now = time.time()
+            sends = []
+            for f in findings:
+                try:
+                    anomaly = finding_to_anomaly(f, window, now)
+                except SchemaError as exc:
+                    await self.deadletters.send(
+                        "detector", f"anomaly does not fit the contract: {exc}", f.evidence,
+                        source_topic=self.settings.topic("windows"), partition=partition,
+                    )
+                    continue
+                sends.append(await self.anomalies.send(
+                    key=window.service.encode(), value=orjson.dumps(anomaly.to_dict()),
+                    force=True))
+                self.stats["anomalies"] += 1
+                out.append(anomaly)
+            for fut in sends:
+                await fut
         value = encode_state(window.window_start, partition, det.to_state())
         self.table[series] = value
         cache = self._cache
@@ -222,30 +266,19 @@ class DetectionAgent:
         self.stats["windows"] += 1
         if window.window_start > self.newest_window_start:
             self.newest_window_start = window.window_start
-        if not findings:
-            return []
-        out = []
-        now = time.time()
-        for f in findings:
-            try:
-                anomaly = finding_to_anomaly(f, window, now)
-            except SchemaError as exc:
-                await self.deadletters.send(
-                    "detector", f"anomaly does not fit the contract: {exc}", f.evidence,
-                    source_topic=self.settings.topic("windows"), partition=partition,
-                )
-                continue
-            await self.anomalies.send(key=window.service.encode(),
-                                      value=orjson.dumps(anomaly.to_dict()), force=True)
-            self.stats["anomalies"] += 1
-            out.append(anomaly)
         return out
 
-    def expire_idle(self) -> int:
+    def ttl_clock(self, now: float | None = None) -> float:
+        """Event time the TTL is judged against: the newest window seen, capped by the
+        wall clock (a replay of the past keeps its own event time; a window stamped in
+        the future cannot move it)."""
+        return min(self.newest_window_start, time.time() if now is None else now)
+
+    def expire_idle(self, now: float | None = None) -> int:
         """Drop series idle for ``series_ttl_s`` of event time; returns how many."""
         if self.newest_window_start == -math.inf:
             return 0
-        horizon = self.newest_window_start - self.settings.series_ttl_s
+        horizon = self.ttl_clock(now) - self.settings.series_ttl_s
         expired: list[tuple[Any, int | None]] = []
         for key, value in list(self.table.data.items()):
             try:

@@ -10,9 +10,14 @@ Rules, per Kafka partition (a series lives on one partition because the requests
 keyed by service):
 
 * window index ``k = floor(ts / window_s)``; the window covers ``[k*w, (k+1)*w)``.
-* watermark = (largest ``ts`` seen) - ``grace_s``; window ``k`` closes once
+* watermark = min(largest ``ts`` seen, ``now``) - ``grace_s``; window ``k`` closes once
   ``(k + 1) * w <= watermark``. Closing is monotone: ``closed_k`` is the highest closed
-  index and every window at or below it has been emitted.
+  index and every window at or below it has been emitted. ``now`` is the robust clock the
+  caller trusts (live: the worker's wall clock; a replay of finite input: +inf, pure
+  event time). Event time may never run ahead of it, so one producer whose clock is
+  ahead (by less than ``max_clock_skew_s``: beyond that it is rejected) cannot close the
+  windows of everyone else on its partition: its own events wait in their windows until
+  the clock reaches them, and every other producer keeps the full grace.
 * an event whose window is already closed is *late* (rejected with reason ``"late"``);
   an event with ``ts > now + max_clock_skew_s`` is rejected with reason ``"clock skew"``
   (a clock far in the future would otherwise drag the watermark along and make every
@@ -353,14 +358,14 @@ class WindowAggregator:
         return rejects
 
     # -- output ----------------------------------------------------------------------
-    def watermark(self, partition: Hashable) -> float:
-        return self._part(partition).progress.max_ts - self.grace_s
+    def watermark(self, partition: Hashable, now: float = math.inf) -> float:
+        return min(self._part(partition).progress.max_ts, now) - self.grace_s
 
-    def close_ready(self, partition: Hashable) -> list[dict[str, Any]]:
-        """Close every window that ended at or before the watermark; summaries in
-        (window_start, series) order."""
+    def close_ready(self, partition: Hashable, now: float = math.inf) -> list[dict[str, Any]]:
+        """Close every window that ended at or before the watermark
+        (``min(max_ts, now) - grace_s``); summaries in (window_start, series) order."""
         part = self._part(partition)
-        wm = part.progress.max_ts - self.grace_s
+        wm = min(part.progress.max_ts, now) - self.grace_s
         if wm == -math.inf:
             return []
         return self._close_through(part, math.floor(wm / self.window_s) - 1)

@@ -106,3 +106,57 @@ def test_sigkill_loses_no_window_and_never_changes_one(topics: Settings,
     assert not changed, f"windows emitted with different content: {changed[:3]}"
     for wid, vs in copies.items():
         assert orjson.loads(vs[0]) == expected[wid], wid
+
+
+def _shop_windows(seed: int, service: str) -> list[dict[str, Any]]:
+    from tests.integration.test_live_equals_backtest import request_windows
+
+    return [{**w, "service": service} for w in request_windows(np.random.default_rng(seed))]
+
+
+@pytest.mark.integration
+def test_sigkill_keeps_the_anomalies_of_an_uninterrupted_run(topics: Settings,
+                                                            tmp_path: Path) -> None:
+    """Window summaries stream in while the worker is SIGKILLed twice: the anomaly ids on
+    the broker are exactly those the uninterrupted (offline) detector finds."""
+    from tests.integration.test_detection_pipeline import produce
+    from tests.integration.test_live_equals_backtest import offline_ids
+
+    settings = topics
+    streams = [_shop_windows(seed, f"shop{seed}") for seed in range(4)]
+    expected = set().union(*(offline_ids(ws) for ws in streams))
+    assert any("|latency|" in i for i in expected) and any("|errors|" in i for i in expected)
+    stop = threading.Event()
+
+    def feed() -> None:  # 10 summaries per series per message, ~4 s per 100 windows
+        for i in range(0, len(streams[0]), 10):
+            if stop.is_set():
+                return
+            asyncio.run(produce(settings, "windows", [
+                (ws[0]["service"].encode() + b"|/buy|", orjson.dumps(ws[i:i + 10]))
+                for ws in streams]))
+            time.sleep(0.4)
+
+    log = tmp_path / "worker.log"
+    worker = start_worker(settings, log, **FAST_REJOIN)
+    producer = threading.Thread(target=feed)
+    producer.start()
+    try:
+        rnd = random.Random()
+        for _ in range(2):
+            time.sleep(rnd.uniform(2.0, 6.0))
+            worker.kill()
+            worker = start_worker(settings, log, **FAST_REJOIN)
+        producer.join(120)
+        assert not producer.is_alive()
+        anomalies = asyncio.run(consume_until(
+            settings, "anomalies", lambda vs: {a["id"] for a in vs} >= expected,
+            timeout=60, quiet_s=3.0))
+        assert worker.proc.poll() is None, "worker died"
+    finally:
+        stop.set()
+        producer.join(10)
+        worker.stop()
+    live = {a["id"] for a in anomalies}
+    assert live - expected == set(), "anomalies the uninterrupted run does not make"
+    assert expected - live == set(), "anomalies of the uninterrupted run missing"

@@ -170,12 +170,15 @@ def _fake_agent() -> tuple[object, list[dict], list[int], list[int]]:
     emitted: list[dict] = []
     seeks: list[int] = []
     agent = AggregationAgent.__new__(AggregationAgent)
-    agent.settings = SimpleNamespace(grace_s=2.0, max_clock_skew_s=1e12)
+    agent.settings = SimpleNamespace(grace_s=2.0, max_clock_skew_s=1e12, partitions=1)
     agent.agg = WindowAggregator(1.0, 2.0, 1e12)
     agent.lock = asyncio.Lock()
     agent.states = {}
     agent.parsers = {"requests": parse_request_element}
-    agent.stats = {"events": 0, "windows": 0, "messages": 0}
+    agent.stats = {"events": 0, "windows": 0, "messages": 0, "forwarded": 0,
+                   "duplicate forwards": 0}
+    agent._homes = {}
+    agent._to_forward = {}
 
     async def seek(tp: object, offset: int) -> None:
         seeks.append(offset)
@@ -220,7 +223,7 @@ def _drive(order: list[int], values: list[bytes]) -> tuple[list[dict], list[int]
     async def run() -> None:
         for off in order:
             msg = SimpleNamespace(topic="requests", partition=0, offset=off,
-                                  value=values[off], key=b"s")
+                                  value=values[off], key=b"s", headers=[])
             await agent.handle(stream, SimpleNamespace(message=msg, value=msg.value))
             await asyncio.sleep(0)
         for st in agent.states.values():
