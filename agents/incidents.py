@@ -45,6 +45,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from agents.deadletter import deadletter_counts
+from app.control import ControlGuard, ControlRejected
 from models.incidents import IncidentBook, IncidentInputError, TimelineEntry
 from models.policy import Policy, PolicyError, load_policy
 from schemas.errors import SchemaError
@@ -57,6 +58,7 @@ from schemas.records import (
     IncidentEvent,
     WindowSummary,
 )
+from schemas.signing import KeyRing
 
 if TYPE_CHECKING:
     from app.faust_app import StanchApp
@@ -69,11 +71,22 @@ AGENT_NAME = "incidents"
 INPUT_SUFFIX = "incident-input"
 STATE_SUFFIX = "incident-state"
 STATE_KEY = b"decider"
+STATUS_SUFFIX = "mitigation-state"
+STATUS_KEY = b"decider"
+#: The status fact is re-published at least this often while the decider runs, so
+#: every worker's view and `stanch status` see a fresh clock and leases.
+STATUS_EVERY_S = 1.0
+#: A decider loop turn waits at most 0.2 s for input, then flushes and snapshots;
+#: a producer request to a vanished broker times out well within this: a loop that
+#: has not turned for longer is stuck (health says so).
+STUCK_AFTER_S = 60.0
 STATE_VERSION = 1
 IDLE_AFTER_S = 5.0  # wall seconds without data before ticks move the event clock
 TICK_EVERY_S = 1.0
 SNAPSHOT_EVERY_S = 1.0
 SEEN_OUTPUT_IDS = 50_000
+#: Mode changes kept in the snapshot and the status fact (the log has them all).
+MODE_HISTORY = 50
 
 #: Source topic (logical name) -> kind key on the input topic.
 FORWARDED: dict[str, str] = {
@@ -97,6 +110,11 @@ def input_topic(settings: Settings) -> str:
 
 def state_topic(settings: Settings) -> str:
     return f"{settings.topic_prefix}{STATE_SUFFIX}"
+
+
+def status_topic(settings: Settings) -> str:
+    """The compacted topic of the decider's status fact (app.status reads it)."""
+    return f"{settings.topic_prefix}{STATUS_SUFFIX}"
 
 
 def load_policy_or_exit(settings: Settings) -> Policy:
@@ -124,6 +142,16 @@ def normalise_anomaly(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+class Quarantined(ValueError):
+    """An input that must not touch the decider (future-stamped, unsigned control...):
+    dead-lettered under ``category`` with ``reason``."""
+
+    def __init__(self, reason: str, category: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.category = category
+
+
 @dataclass
 class Output:
     """What one input produced: timeline entries, commands to issue, dead letters."""
@@ -132,21 +160,41 @@ class Output:
     decisions: list[tuple[float, Decision]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (reason, category)
     controls: list[str] = field(default_factory=list)
+    mode_changed: bool = False
 
 
 class DecisionEngine:
     """The synchronous core of the decider: input records -> book (+ mitigator) steps.
 
     Deterministic in the sequence of inputs (see the module docstring), so a replay
-    from a snapshot reproduces the same entries and decisions."""
+    from a snapshot reproduces the same entries and decisions.
 
-    def __init__(self, policy: Policy, mitigator: Mitigator | None = None) -> None:
+    One clock for every input: with ``max_skew_s`` set (live), a record whose own time
+    (window_start, change ts, ack at, control at) is more than ``max_skew_s`` ahead of
+    the time it reached the input topic (the input record's timestamp, written by the
+    worker that forwarded it) is quarantined: dead-lettered as "future", never moving
+    the event clock, so no producer can drag the clock that issues and leases
+    commands. That arrival time is part of the input, so replays judge alike. Offline
+    (backtest) there is no wall clock: ``max_skew_s=None`` turns the check off.
+
+    Control messages go through ``control_guard`` (app.control.ControlGuard: signature,
+    replay, age); without one every control message is refused."""
+
+    def __init__(self, policy: Policy, mitigator: Mitigator | None = None, *,
+                 control_guard: ControlGuard | None = None,
+                 max_skew_s: float | None = None) -> None:
         self.policy = policy
         self.book = IncidentBook(policy)
         self.mitigator = mitigator
+        self.control_guard = control_guard
+        self.max_skew_s = max_skew_s
         self.clock = 0.0
         self.last_data_wall: float | None = None  # Kafka timestamp of the last data input
         self.last_data_clock = 0.0
+        #: wall time of the last start-up that set approval/dry-run from the policy file;
+        #: dry-run toggles that reached the input before it are superseded on replay
+        self.policy_mode_at = 0.0
+        self.mode_changes: list[dict[str, Any]] = []
 
     # ---- state -------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
@@ -156,6 +204,9 @@ class DecisionEngine:
             "clock": self.clock,
             "last_data_wall": self.last_data_wall,
             "last_data_clock": self.last_data_clock,
+            "control_seen": self.control_guard.to_state() if self.control_guard else {},
+            "policy_mode_at": self.policy_mode_at,
+            "mode_changes": list(self.mode_changes),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -165,9 +216,39 @@ class DecisionEngine:
         self.clock = float(state.get("clock", 0.0))
         self.last_data_wall = state.get("last_data_wall")
         self.last_data_clock = float(state.get("last_data_clock", 0.0))
+        if self.control_guard is not None:
+            self.control_guard.load_state(state.get("control_seen"))
+        self.policy_mode_at = float(state.get("policy_mode_at", 0.0))
+        self.mode_changes = list(state.get("mode_changes", []))
 
     def mitigated_services(self) -> set[str]:
         return self.mitigator.mitigated_services(self.clock) if self.mitigator else set()
+
+    # ---- mode ----------------------------------------------------------------------
+    def mode(self) -> dict[str, bool]:
+        if self.mitigator is None:
+            return {"paused": False, "dry_run": False, "approval": False}
+        return self.mitigator.mode()
+
+    def start_up(self, wall: float) -> str:
+        """A worker process took over: the policy file's approval and dry-run hold over
+        the saved state (pause, the kill switch, stays as the operators left it)."""
+        before = self.mode()
+        if self.mitigator is not None:
+            self.mitigator.reset_mode_from_policy()
+        self.policy_mode_at = wall
+        after = self.mode()
+        was = "" if before == after else \
+            f" (saved state had approval={before['approval']} dry_run={before['dry_run']})"
+        line = (f"start-up: policy file sets approval={after['approval']} "
+                f"dry_run={after['dry_run']}{was}; paused={after['paused']}")
+        self._mode_change(wall, "policy file", line)
+        return line
+
+    def _mode_change(self, at: float, by: str, line: str) -> None:
+        self.mode_changes.append({"at": at, "clock": self.clock, "by": by, "change": line,
+                                  "mode": self.mode()})
+        del self.mode_changes[:-MODE_HISTORY]
 
     # ---- input -------------------------------------------------------------------
     def feed(self, kind: str, raw: bytes, wall_ts: float) -> Output:
@@ -183,6 +264,10 @@ class DecisionEngine:
             what = f"{kind}[{i}]" if batch else kind  # which item of a batch was bad
             try:
                 self._one(kind, item, wall_ts, out)
+            except Quarantined as exc:
+                out.rejected.append((f"{what}: {exc.reason}", exc.category))
+            except ControlRejected as exc:
+                out.rejected.append((f"{what}: {exc.reason}", exc.category))
             except SchemaError as exc:
                 out.rejected.append((f"{what}: {exc}", "schema"))
             except (IncidentInputError, ValueError, TypeError, KeyError) as exc:
@@ -198,7 +283,10 @@ class DecisionEngine:
 
     def _one(self, kind: str, item: Any, wall_ts: float, out: Output) -> None:
         if kind == "tick":
-            self._idle_tick(item, out)
+            self._idle_tick(item, wall_ts, out)
+            return
+        if kind == "control":
+            self._control(item, wall_ts, out)
             return
         record_cls = _RECORDS.get(kind)
         if record_cls is None:
@@ -206,10 +294,13 @@ class DecisionEngine:
         record = record_cls.from_dict(item).to_dict()
         if kind == "anomaly":
             record = normalise_anomaly(record)
+        own_time = record["ts"] if kind == "change" else record["at"] if kind == "ack" \
+            else record["window_start"]
+        self._check_future(kind, own_time, wall_ts)
         book = self.book
         advanced = False
         if kind in ("anomaly", "window", "change"):
-            event_time = record["ts"] if kind == "change" else record["window_start"]
+            event_time = own_time
             if event_time > self.clock:
                 self.clock = event_time
                 advanced = True
@@ -225,10 +316,6 @@ class DecisionEngine:
             out.entries += book.on_change(record, now)
         elif kind == "ack":
             out.entries += book.on_ack(record, now)
-        elif kind == "control":
-            if self.mitigator is None:
-                raise ValueError("control message but the mitigation agent is not registered")
-            out.controls.append(self.mitigator.apply_control(record, now))
         # A window steps the models when it moves the clock, or when it changed an
         # incident (e.g. it confirmed a suspect change): windows trailing the clock (the
         # decider merges topics, and anomalies often run ahead) must not leave a ready
@@ -236,10 +323,40 @@ class DecisionEngine:
         if kind != "window" or advanced or len(out.entries) > produced:
             self._step(out)
 
-    def _idle_tick(self, item: Any, out: Output) -> None:
+    def _check_future(self, kind: str, own_time: float, arrived: float) -> None:
+        if self.max_skew_s is not None and own_time > arrived + self.max_skew_s:
+            raise Quarantined(f"future: stamped {own_time - arrived:.0f} s ahead of its "
+                              f"arrival (max skew {self.max_skew_s:g} s); not trusted",
+                              "future")
+
+    def _control(self, item: Any, arrived: float, out: Output) -> None:
+        """A signed operator action (see app.control): applied in input order."""
+        if self.mitigator is None:
+            raise ValueError("control message but the mitigation agent is not registered")
+        if self.control_guard is None:
+            raise ControlRejected("no trusted operator keys: control is not accepted",
+                                  "forged")
+        record, kid = self.control_guard.check(item, arrived)
+        who = record.get("operator") or "operator"
+        if record["action"] in ("dry_run_on", "dry_run_off") and \
+                arrived < self.policy_mode_at:
+            out.controls.append(f"{who}'s {record['action']} ({record['id']}) was sent "
+                                "before this worker started: the policy file holds")
+            return
+        before = self.mode()
+        line = self.mitigator.apply_control(record, self.clock)
+        out.controls.append(f"{line} [{record['id']}, key {kid}]")
+        if self.mode() != before:
+            self._mode_change(arrived, f"{who} (key {kid})", line)
+            out.mode_changed = True
+        self._step(out)
+
+    def _idle_tick(self, item: Any, arrived: float, out: Output) -> None:
         at = item.get("at") if isinstance(item, dict) else None
         if not isinstance(at, int | float) or self.last_data_wall is None:
             return
+        if self.max_skew_s is not None and at > arrived + self.max_skew_s:
+            raise Quarantined("future: tick stamped ahead of its arrival", "future")
         idle = at - self.last_data_wall
         if idle >= IDLE_AFTER_S and self.last_data_clock + idle > self.clock:
             self.clock = self.last_data_clock + idle
@@ -280,9 +397,17 @@ class Decider:
         self.policy = policy
         self.mitigator_factory: Callable[[Policy], Mitigator] | None = None
         self.signer: CommandSigner | None = None
-        self.engine = DecisionEngine(policy)
+        #: the operator keys control must be signed with (set by agents.mitigation)
+        self.operator_keys: KeyRing | None = None
+        self.engine = self._new_engine()
         self.assigned = False
-        self.mitigated: set[str] = set()
+        #: called with every status fact this decider publishes (the local view)
+        self.on_status: Callable[[dict[str, Any]], None] | None = None
+        self.started_wall = time.time()
+        self.failed: str | None = None
+        self.last_loop: float | None = None
+        self._status_sent: dict[str, Any] | None = None
+        self._status_at = 0.0
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._topics_ready = False
@@ -309,8 +434,12 @@ class Decider:
 
     # ---- restore -------------------------------------------------------------------
     async def restore(self) -> None:
-        """Load the last snapshot and seek the input partition to the offset it reflects."""
-        engine = DecisionEngine(self.policy, self._new_mitigator())
+        """Load the last snapshot and seek the input partition to the offset it reflects.
+
+        The first restore of a worker process that started after the snapshot's last
+        start-up sets approval and dry-run from the policy file (a rebalance onto a
+        worker that was already running keeps the operators' toggles)."""
+        engine = self._new_engine()
         snapshot = await read_snapshot(self.settings)
         offset = 0
         if snapshot is not None:
@@ -320,7 +449,10 @@ class Decider:
                                  for k, v in snapshot.get("out_offsets", {}).items()}
             log.info("incident decider: restored snapshot at input offset %d (%d open "
                      "incidents)", offset, len(engine.book.open_incidents()))
+        if engine.policy_mode_at < self.started_wall:
+            log.info("incident decider: mode: %s", engine.start_up(self.started_wall))
         self.engine = engine
+        self._status_sent = None  # publish the status of the restored state at once
         self._published = {
             name: await read_ids_since(self.settings, name, self._out_offsets.get(name, {}),
                                        "id")
@@ -336,10 +468,73 @@ class Decider:
     def _new_mitigator(self) -> Mitigator | None:
         return self.mitigator_factory(self.policy) if self.mitigator_factory else None
 
+    def _new_engine(self) -> DecisionEngine:
+        s = self.settings
+        guard = None if self.operator_keys is None else \
+            ControlGuard(self.operator_keys, s.control_max_age_s, s.max_clock_skew_s)
+        return DecisionEngine(self.policy, self._new_mitigator(), control_guard=guard,
+                              max_skew_s=s.max_clock_skew_s)
+
+    # ---- health and status -----------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        if self.failed:
+            return {"state": "failed", "error": self.failed}
+        if self.last_loop is None:
+            return {"state": "starting"}
+        idle = time.monotonic() - self.last_loop
+        return {"state": "stuck" if idle > STUCK_AFTER_S else "running",
+                "assigned": self.assigned, "since_loop_s": round(idle, 1)}
+
+    def status_fact(self) -> dict[str, Any]:
+        """Mode, open incidents, actions in force (leases on the event clock) and the
+        services they shape: what every worker's MitigationView and `stanch status`
+        read (app.status)."""
+        import os
+        import socket
+
+        engine = self.engine
+        clock = engine.clock
+        mit = engine.mitigator
+        active: list[dict[str, Any]] = [{"kind": a.kind, "service": a.service, "target": a.target,
+                   "params": a.params, "incident_id": a.incident_id,
+                   "command_id": a.command_id, "issued_at": a.issued_at,
+                   "expires_at": a.expires_at, "since": a.since}
+                  for a in (mit.active() if mit else []) if a.expires_at > clock]
+        mitigated: dict[str, float] = {}
+        for a in active:
+            shaped: list[str] = [a["service"], a["target"]] if a["kind"] == "isolate" \
+                else [a["service"]]
+            for svc in shaped:
+                mitigated[svc] = max(mitigated.get(svc, 0.0), a["expires_at"])
+        pending = [{"command_id": d.command_id, "kind": d.kind, "service": d.service,
+                    "target": d.target, "incident_id": d.incident_id}
+                   for d in (mit.pending() if mit else [])]
+        incidents = [{"id": i.id, "root_service": i.root_service, "state": i.state,
+                      "onset": i.onset, "opened_at": i.opened_at, "services": i.services()}
+                     for i in engine.book.open_incidents()]
+        return {"version": 1, "clock": clock, "mode": engine.mode(),
+                "mode_changes": engine.mode_changes[-10:], "open_incidents": incidents,
+                "active": active, "pending": pending, "mitigated": mitigated,
+                "host": socket.gethostname(), "pid": os.getpid()}
+
+    async def _publish_status(self) -> None:
+        """Publish the status fact when it changed, and at least every STATUS_EVERY_S."""
+        fact = self.status_fact()
+        now = time.monotonic()
+        if fact == self._status_sent and now - self._status_at < STATUS_EVERY_S:
+            return
+        self._status_sent, self._status_at = fact, now
+        value = {**fact, "at": time.time()}
+        if self.on_status is not None:
+            self.on_status(value)
+        assert self._producer is not None
+        await self._producer.send(status_topic(self.settings), key=STATUS_KEY,
+                                  value=orjson.dumps(value), partition=0)
+
     # ---- the loop ------------------------------------------------------------------
     async def run(self, app: StanchApp | None = None) -> None:
         await self.ensure_topics()
-        self.engine = DecisionEngine(self.policy, self._new_mitigator())
+        self.engine = self._new_engine()
         kw = self.settings.aiokafka_kwargs()
         self._producer = AIOKafkaProducer(**kw, linger_ms=2, max_request_size=8 << 20)
         await self._producer.start()
@@ -354,6 +549,7 @@ class Decider:
         log.info("incident decider: consuming %s", input_topic(self.settings))
         try:
             while True:
+                self.last_loop = time.monotonic()
                 batches = await self._consumer.getmany(timeout_ms=200)
                 if not self.assigned:
                     continue
@@ -362,6 +558,7 @@ class Decider:
                     for record in records:
                         published |= await self._handle(record)
                         self._next_offset = record.offset + 1
+                await self._publish_status()
                 await self._flush()
                 now = time.monotonic()
                 if self._next_offset > self._snap_offset and (
@@ -384,16 +581,15 @@ class Decider:
             await self._dead_letter(record, reason)
         for line in out.controls:
             log.info("incident decider: control: %s", line)
+        if out.mode_changed:
+            log.info("incident decider: mode change: now %s", self.engine.mode())
         published = False
         for entry in out.entries:
             published |= await self._publish_entry(entry)
         for issued_at, decision in out.decisions:
             published |= await self._publish_command(decision, issued_at)
-        if out.entries or out.decisions or out.controls:
-            current = self.engine.mitigated_services()
-            if current != self.mitigated:  # in place: the detector holds this very set
-                self.mitigated.clear()
-                self.mitigated.update(current)
+        if out.decisions or out.controls:
+            await self._publish_status()  # other workers' detectors learn of it at once
         return published or bool(out.controls)
 
     async def _publish_entry(self, entry: TimelineEntry) -> bool:
@@ -500,6 +696,8 @@ async def ensure_internal_topics(settings: Settings, timeout_s: float = 30.0) ->
             NewTopic(input_topic(settings), 1, settings.replication_factor,
                      topic_configs={"retention.ms": str(7 * int(day_ms))}),
             NewTopic(state_topic(settings), 1, settings.replication_factor,
+                     topic_configs={"cleanup.policy": "compact"}),
+            NewTopic(status_topic(settings), 1, settings.replication_factor,
                      topic_configs={"cleanup.policy": "compact"}),
         ]
         for topic in wanted:
@@ -627,7 +825,11 @@ def register(app: StanchApp) -> None:
     decider = Decider(settings, policy)
     decider.deadletter_counts = deadletter_counts(app)
     app.stanch_decider = decider  # type: ignore[attr-defined]
-    app.stanch_mitigated = decider.mitigated  # type: ignore[attr-defined]
+    from app.status import MitigationView
+
+    view = MitigationView(settings)
+    decider.on_status = view.update
+    app.stanch_mitigated = view  # type: ignore[attr-defined]
     app.stanch_input_topic = app.topic(  # type: ignore[attr-defined]
         input_topic(settings), key_type=bytes, value_type=bytes, key_serializer="raw",
         value_serializer="raw", partitions=1)
@@ -636,7 +838,18 @@ def register(app: StanchApp) -> None:
 
     @app.task
     async def incident_decider() -> None:
-        await decider.run(app)
+        try:
+            await decider.run(app)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # health reports it (app.web); the worker must be restarted
+            decider.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("incident decider failed")
+            raise
+
+    @app.task
+    async def mitigation_view() -> None:
+        await view.run()
 
     @app.timer(TICK_EVERY_S)
     async def incident_idle_tick() -> None:

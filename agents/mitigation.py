@@ -14,7 +14,9 @@ guarantees). This module adds what only mitigation needs:
   ``.key.pem``); with none configured a key pair is generated once into
   ``<data_dir>/keys`` (kid ``stanch-local``) and reused on restart, and the log says
   where the public key is so sidecars can trust it;
-- operator control: stanch.control is forwarded onto the decider's input, in order.
+- operator control: stanch.control is forwarded onto the decider's input, in order;
+  every message must be signed by an operator key of STANCH_TRUSTED_OPERATOR_KEYS_DIR
+  (or the local operator key, app.control), checked by the decider.
 
 Clock of the commands: ``issued_at`` is the event time of the decision (the latest
 window_start the decider saw), ``expires_at = issued_at + lease_s``. Enforcers compare
@@ -112,11 +114,19 @@ def register(app: StanchApp) -> None:
         raise RuntimeError("agents.mitigation needs agents.incidents registered first")
     private_key, kid = load_signing_key(app.settings)
     decider.signer = make_signer(private_key, kid)
+    from app.control import operator_keyring
+
+    try:
+        decider.operator_keys = operator_keyring(app.settings)
+    except SigningError as exc:
+        raise SystemExit(f"stanch: STANCH_TRUSTED_OPERATOR_KEYS_DIR: {exc}") from None
 
     def new_mitigator(policy: Policy) -> Mitigator:
         return Mitigator(policy)
 
     decider.mitigator_factory = new_mitigator
     forward_topic(app, "control", "control")
-    log.info("mitigation agent: signing with kid %s; policy dry_run=%s approval=%s",
-             kid, decider.policy.safeguards.dry_run, decider.policy.safeguards.approval)
+    log.info("mitigation agent: signing with kid %s; policy dry_run=%s approval=%s (they "
+             "hold at start-up; operator toggles after that); operator keys: %s",
+             kid, decider.policy.safeguards.dry_run, decider.policy.safeguards.approval,
+             ", ".join(decider.operator_keys.kids) or "none")

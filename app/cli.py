@@ -241,6 +241,17 @@ def dry_run(state: str) -> None:
     _control(f"dry-run-{state}")
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (the decider's "
+              "status fact, with each action's lease remaining).")
+def status(as_json: bool) -> None:
+    """Mode (paused, dry-run, approval), open incidents, every action in force with the
+    lease it has left, commands awaiting approval, recent mode changes."""
+    from app.status import status_main
+
+    sys.exit(status_main(_settings(), as_json=as_json))
+
+
 @cli.group()
 def bench() -> None:
     """The benchmarks; `--json` prints machine-readable figures."""
@@ -343,25 +354,41 @@ def bench_simulate(as_json: bool, simulated_s: float, rate: float) -> None:
 
 @cli.group()
 def keys() -> None:
-    """Signing keys for enforcement commands."""
+    """Signing keys: for enforcement commands (mitigation) and operator control."""
 
 
 @keys.command("generate")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("keys"), show_default=True)
-@click.option("--kid", default="k1", show_default=True, help="Key id (rotation: a new kid).")
+              default=None, help="Directory (default: keys, or keys/operator with --operator).")
+@click.option("--kid", default=None,
+              help="Key id (rotation: a new kid). Default k1, or op-<user> with --operator.")
+@click.option("--operator", is_flag=True,
+              help="An operator key pair (signs approve/pause/resume/dry-run).")
 @click.option("--overwrite", is_flag=True)
-def keys_generate(out_dir: Path, kid: str, overwrite: bool) -> None:
-    """Write <kid>.key.pem (private, mode 0600: the mitigation agent) and <kid>.pub.pem
-    (public: every sidecar's STANCH_TRUSTED_KEYS_DIR)."""
-    from app.keys import generate_keypair
+def keys_generate(out_dir: Path | None, kid: str | None, operator: bool,
+                  overwrite: bool) -> None:
+    """Write <kid>.key.pem (private, mode 0600) and <kid>.pub.pem (public).
 
+    Mitigation key: the private key is the worker's STANCH_SIGNING_KEY_FILE, the public
+    key goes in every sidecar's STANCH_TRUSTED_KEYS_DIR. Operator key (--operator): the
+    private key is the operator's STANCH_OPERATOR_KEY_FILE, the public key goes in the
+    workers' STANCH_TRUSTED_OPERATOR_KEYS_DIR."""
+    from app.keys import default_operator_kid, generate_keypair
+
+    out = out_dir or (Path("keys") / "operator" if operator else Path("keys"))
+    name = kid or (default_operator_kid() if operator else "k1")
     try:
-        private, public = generate_keypair(out_dir, kid, overwrite=overwrite)
+        private, public = generate_keypair(out, name, overwrite=overwrite)
     except (FileExistsError, ValueError) as exc:
         click.echo(f"stanch keys generate: {exc}", err=True)
         sys.exit(2)
     click.echo(f"private key: {private}\npublic key:  {public}")
+    if operator:
+        click.echo(f"operator: export STANCH_OPERATOR_KEY_FILE={private}\n"
+                   f"workers:  put {public.name} in STANCH_TRUSTED_OPERATOR_KEYS_DIR")
+    else:
+        click.echo(f"worker:   STANCH_SIGNING_KEY_FILE={private}\n"
+                   f"sidecars: put {public.name} in STANCH_TRUSTED_KEYS_DIR")
 
 
 def _add_built_commands() -> None:

@@ -1,4 +1,4 @@
-"""Key pair generation for command signing (`stanch keys generate`).
+"""Key pair generation for command and operator signing (`stanch keys generate`).
 
 Why: the mitigation agent needs a private key and every sidecar the matching public
 key; operators must be able to make a pair without writing code or copying keys from
@@ -8,7 +8,9 @@ world-readable, not even briefly).
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -47,3 +49,12 @@ def generate_keypair(
         os.close(fd)
     public_path.write_bytes(public_key_pem(key.public_key()))
     return private_path, public_path
+
+
+def default_operator_kid() -> str:
+    """``op-<user>``: a kid that says whose key signed a control message."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in some containers
+        user = "operator"
+    return validate_kid(("op-" + re.sub(r"[^A-Za-z0-9._-]", "-", user))[:64])

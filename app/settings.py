@@ -107,6 +107,25 @@ class Settings(BaseSettings):
     signing_key_file: Path | None = None
     signing_kid: str | None = Field(default=None, max_length=64)
     trusted_keys_dir: Path | None = None
+    # The longest lease a sidecar accepts (expires_at - issued_at). 600 s: the policy's
+    # default max lease (models.policy SafeguardPolicy.max_lease_s), ten times its
+    # default lease; a command asking for more is rejected with the reason in its ack.
+    max_lease_s: float = Field(default=600.0, gt=0, le=86_400)
+
+    # --- Operator control (stanch.control) -------------------------------------------
+    # The worker trusts every <kid>.pub.pem here for signed control messages (a key set
+    # separate from the mitigation key's). Unset: a local operator key pair in
+    # <data_dir>/keys/operator, generated once (usable by the CLI on the same host).
+    trusted_operator_keys_dir: Path | None = None
+    # The CLI signs approve/pause/resume/dry-run with this private key (+ kid, default:
+    # the file name without .key.pem). Unset: the local operator key of data_dir.
+    operator_key_file: Path | None = None
+    operator_kid: str | None = Field(default=None, max_length=64)
+    # A control message whose `at` is older than this when it reaches the decider is
+    # dead-lettered as expired (a captured message cannot be replayed later). 600 s: a
+    # worker restart or a rebalance takes well under a minute; an operator whose
+    # message sat on the topic longer than this, with no worker running, sends it again.
+    control_max_age_s: float = Field(default=600.0, gt=0, le=86_400)
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -143,13 +162,18 @@ class Settings(BaseSettings):
                 "STANCH_HEARTBEAT_INTERVAL_S must be at most a third of STANCH_SESSION_TIMEOUT_S"
             )
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "policy_file",
-                     "signing_key_file"):
+                     "signing_key_file", "operator_key_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"STANCH_{name.upper()}: file {str(path)!r} does not exist")
         if self.trusted_keys_dir is not None and not Path(self.trusted_keys_dir).is_dir():
             raise ValueError(
                 f"STANCH_TRUSTED_KEYS_DIR: directory {str(self.trusted_keys_dir)!r} does not exist"
+            )
+        ops = self.trusted_operator_keys_dir
+        if ops is not None and not Path(ops).is_dir():
+            raise ValueError(
+                f"STANCH_TRUSTED_OPERATOR_KEYS_DIR: directory {str(ops)!r} does not exist"
             )
         return self
 

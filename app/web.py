@@ -34,8 +34,7 @@ def agent_states(app: StanchApp) -> dict[str, Any]:
     """The ``app.stanch_<name>`` objects that carry agent statistics."""
     found = {}
     for attr in dir(app):
-        if attr.startswith("stanch_") and attr not in ("stanch_deadletter_counts",
-                                                       "stanch_mitigated"):
+        if attr.startswith("stanch_") and attr != "stanch_deadletter_counts":
             value = getattr(app, attr, None)
             if value is not None and isinstance(getattr(value, "stats", None), Mapping):
                 found[attr.removeprefix("stanch_")] = value
@@ -68,8 +67,33 @@ class StanchCollector(Collector):
         yield uptime
 
 
+def task_health(app: StanchApp) -> dict[str, dict[str, Any]]:
+    """Health of the long-running tasks that are not Faust agents: the incident decider
+    and the mitigation view (each has ``health()``: state running/starting/stuck/failed)."""
+    out = {}
+    for name in ("decider", "mitigated"):
+        obj = getattr(app, f"stanch_{name}", None)
+        health = getattr(obj, "health", None)
+        if callable(health):
+            out["mitigation_view" if name == "mitigated" else name] = health()
+    return out
+
+
+def health(app: StanchApp) -> dict[str, Any]:
+    """Failing when an agent crashed or a task failed or is stuck."""
+    crashed = [agent.name for agent in app.agents.values() if agent.crashed]
+    tasks = task_health(app)
+    bad = sorted(name for name, h in tasks.items() if h.get("state") in ("failed", "stuck"))
+    failing = bool(crashed or bad)
+    return {"status": "failing" if failing else "ok", "crashed_agents": crashed,
+            "failed_tasks": bad, "agents": sorted(agent.name for agent in app.agents.values()),
+            "tasks": tasks}
+
+
 def status(app: StanchApp) -> dict[str, Any]:
     settings = app.settings
+    view = getattr(app, "stanch_mitigated", None)
+    services = getattr(view, "services", None)
     return {
         "app_id": settings.app_id,
         "bootstrap": settings.bootstrap,
@@ -78,6 +102,8 @@ def status(app: StanchApp) -> dict[str, Any]:
         "uptime_s": round(time.time() - STARTED_AT, 1),
         "agents": {name: dict(state.stats) for name, state in agent_states(app).items()},
         "deadletters": dict(getattr(app, "stanch_deadletter_counts", {})),
+        "mitigated": services() if callable(services) else [],
+        "tasks": task_health(app),
     }
 
 
@@ -89,11 +115,8 @@ def register(app: StanchApp) -> None:
     @app.page("/stanch/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
-            crashed = [
-                agent.name for agent in app.agents.values() if agent.crashed
-            ]
-            body = {"status": "failing" if crashed else "ok", "crashed_agents": crashed}
-            return self.json(body, status=503 if crashed else 200)
+            body = health(app)
+            return self.json(body, status=503 if body["status"] != "ok" else 200)
 
     @app.page("/stanch/status")
     class Status(View):

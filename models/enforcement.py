@@ -24,11 +24,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.policy import SafeguardPolicy
+
 # Tolerance for float time arithmetic on epoch seconds (resolution ~1e-7 near 1.7e9).
 _EPS = 1e-6
 KINDS = ("throttle", "rollback", "isolate", "restore", "shed")
 LEASED_KINDS = ("throttle", "isolate", "shed")
 ALL = "*"
+#: CommandGate's defaults: the policy's default max lease, and the skew every Stanch
+#: process allows a producer's clock (STANCH_MAX_CLOCK_SKEW_S, default 300 s).
+DEFAULT_MAX_LEASE_S = SafeguardPolicy().max_lease_s
+DEFAULT_MAX_SKEW_S = 300.0
 
 
 # --------------------------------------------------------------------------- routes
@@ -316,12 +322,20 @@ class CommandGate:
     it is not ours to judge); a key/service mismatch, a bad signature or a malformed
     body is rejected; only a *verified* id is remembered, so forged messages cannot
     poison the replay set; a verified id seen before is "replayed"; a verified, new
-    command whose lease is already over is "expired".
+    command whose lease is already over is "expired". A verified command issued further
+    in the future than ``max_skew_s`` or leased longer than ``max_lease_s`` is rejected
+    before its id is remembered (a far-future or decade-long lease must neither act nor
+    sit in the replay set forever): a valid signature proves who issued a command, not
+    that the issuer's clock was sane.
     """
 
-    def __init__(self, service: str, verify: Callable[[Mapping[str, Any]], None]) -> None:
+    def __init__(self, service: str, verify: Callable[[Mapping[str, Any]], None], *,
+                 max_lease_s: float = DEFAULT_MAX_LEASE_S,
+                 max_skew_s: float = DEFAULT_MAX_SKEW_S) -> None:
         self.service = service
         self._verify = verify
+        self.max_lease_s = max_lease_s
+        self.max_skew_s = max_skew_s
         self._seen: dict[str, float] = {}  # id -> expires_at, pruned after expiry
         self._prune_at = 1024
 
@@ -371,6 +385,13 @@ class CommandGate:
             return Verdict("reject", f"malformed: {exc}", command_id=command_id)
         if cmd.id in self._seen:
             return Verdict("reject", "replayed", cmd, cmd.id)
+        if cmd.issued_at > now + self.max_skew_s:
+            return Verdict("reject", f"issued_at {cmd.issued_at - now:.0f} s in the future "
+                           f"(max skew {self.max_skew_s:g} s)", cmd, cmd.id)
+        lease = cmd.expires_at - cmd.issued_at
+        if lease > self.max_lease_s:
+            return Verdict("reject", f"lease {lease:.0f} s exceeds the max lease "
+                           f"{self.max_lease_s:g} s", cmd, cmd.id)
         self._remember_pruning(cmd.id, cmd.expires_at, now)
         if cmd.expires_at <= now:
             return Verdict("expire", "expired before arrival", cmd, cmd.id)

@@ -182,6 +182,16 @@ class Mitigator:
         self.dry_run = action == "dry_run_on"
         return f"{who} turned dry-run {'on' if self.dry_run else 'off'}"
 
+    def mode(self) -> dict[str, bool]:
+        """The operator-visible mode: paused (kill switch), dry-run, approval."""
+        return {"paused": self.paused, "dry_run": self.dry_run, "approval": self.approval}
+
+    def reset_mode_from_policy(self) -> None:
+        """Start-up: the policy file's approval and dry-run hold over saved state (a later
+        operator toggle holds until the next); pause is the operator's only."""
+        self.dry_run = self.policy.safeguards.dry_run
+        self.approval = self.policy.safeguards.approval
+
     # ---- queries -------------------------------------------------------------------
     def mitigated_services(self, now: float) -> set[str]:
         """Services whose traffic a live mitigation shapes: their baselines must not learn

@@ -124,6 +124,10 @@ class SafeguardPolicy:
     storm_window_s: float = field(default=30.0, metadata=_num(0, 86400, lo_open=True))
     lease_s: float = field(default=60.0, metadata=_num(0, 86400, lo_open=True))
     renew_every_s: float = field(default=30.0, metadata=_num(0, 86400, lo_open=True))
+    # The longest lease any command may carry (lease_s must not exceed it; sidecars
+    # refuse longer ones, STANCH_MAX_LEASE_S, same default). 600 s: ten default leases,
+    # room to raise lease_s, yet a dead Stanch lets everything lapse within 10 minutes.
+    max_lease_s: float = field(default=600.0, metadata=_num(0, 86400, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,10 @@ def _cross_checks(p: Policy) -> None:
         raise PolicyError("safeguards.renew_every_s", sg.renew_every_s,
                           f"must be < safeguards.lease_s ({sg.lease_s}) or leases lapse "
                           "before they are renewed")
+    if sg.lease_s > sg.max_lease_s:
+        raise PolicyError("safeguards.lease_s", sg.lease_s,
+                          f"must be <= safeguards.max_lease_s ({sg.max_lease_s}): sidecars "
+                          "refuse longer leases")
     if p.restore.step_s >= sg.lease_s:
         raise PolicyError("restore.step_s", p.restore.step_s,
                           f"must be < safeguards.lease_s ({sg.lease_s})")

@@ -134,6 +134,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "target": "inc-checkout-1700000000:rollback:1",
         "operator": "alice",
         "reason": "looks right",
+        "signature": {
+            "kid": "op-alice",
+            "alg": "ed25519",
+            "sig": "A" * 86 + "==",
+        },
     },
     "deadletter": {
         "source_topic": "stanch.requests",

@@ -962,12 +962,15 @@ _CONTROL_FIELDS = (
     _line("target", ID_MAX, required=False, desc="A command id, an incident id or a service."),
     _line("operator", 128, required=False),
     _text("reason", required=False),
+    _SIGNATURE,
 )
 
 
 @dataclass(frozen=True, slots=True)
 class ControlMessage(Record):
-    """An operator's instruction: approve, pause/resume, dry-run (topic ``control``)."""
+    """An operator's instruction: approve, pause/resume, dry-run (topic ``control``),
+    signed by an operator key the worker trusts (a key set separate from the mitigation
+    key's): unsigned or untrusted control changes nothing."""
 
     id: str
     action: str
@@ -975,6 +978,14 @@ class ControlMessage(Record):
     target: str | None = None
     operator: str | None = None
     reason: str | None = None
+    #: required on the wire (the schema says so); None only while a CLI builds one
+    signature: Signature | None = None
+
+    def signed_payload(self) -> dict[str, Any]:
+        """Every field but the signature, in wire form: what the signature covers."""
+        d = self.to_dict()
+        del d["signature"]
+        return d
 
 
 _register(ControlMessage, "control", "control", _CONTROL_FIELDS)

@@ -1,4 +1,4 @@
-"""Ed25519 signing and verification of enforcement commands.
+"""Ed25519 signing and verification of enforcement commands and operator control.
 
 Why this exists: a sidecar obeys commands that can throttle, shed, isolate or roll back
 a production service. Only the mitigation agent holds a private key; sidecars hold
@@ -9,6 +9,9 @@ rotated without a flag day.
 Wire form (DESIGN.md): the command dict carries ``signature = {kid, alg, sig}`` where
 ``alg == "ed25519"`` and ``sig`` is base64 of the Ed25519 signature over the canonical
 JSON of every *other* field: orjson with sorted keys, no whitespace, UTF-8.
+
+Operator control messages (stanch.control) are signed the same way, with operator keys
+(a separate key set the worker trusts): ``sign_record`` / ``KeyRing.verify`` serve both.
 
 Keys never live in code: they are PEM files (private key PKCS8, public key
 SubjectPublicKeyInfo) whose paths come from settings.
@@ -83,7 +86,8 @@ def sign_command(
 ) -> dict[str, Any]:
     """Return a copy of ``fields`` with ``signature = {kid, alg, sig}`` added.
 
-    Any ``signature`` already present in ``fields`` is ignored and replaced.
+    Any ``signature`` already present in ``fields`` is ignored and replaced. Works for
+    any record signed this way (commands, control messages): see ``sign_record``.
     """
     validate_kid(kid)
     if not isinstance(private_key, Ed25519PrivateKey):
@@ -93,6 +97,10 @@ def sign_command(
     signed = {k: v for k, v in fields.items() if k != SIGNATURE_FIELD}
     signed[SIGNATURE_FIELD] = {"kid": kid, "alg": ALG, "sig": sig}
     return signed
+
+
+#: The same operation for any signed record (an operator's control message).
+sign_record = sign_command
 
 
 # --------------------------------------------------------------------------- key files

@@ -75,7 +75,8 @@ class CommandConsumer:
         self.instance = instance
         self.table = table
         self.hook = hook
-        self.gate = CommandGate(service, keyring.verify)
+        self.gate = CommandGate(service, keyring.verify, max_lease_s=settings.max_lease_s,
+                                max_skew_s=settings.max_clock_skew_s)
         self.clock = clock
         self.expire_interval_s = expire_interval_s
         self.expired_ack_horizon_s = expired_ack_horizon_s

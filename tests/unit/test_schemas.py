@@ -629,6 +629,13 @@ CASES: dict[str, dict[str, Case]] = {
         "target": line(1024, optional=True),
         "operator": line(128, optional=True),
         "reason": text(4096, optional=True),
+        # signed like a command (the same signature object)
+        "signature": Case(good=[SIG_OK], bad=[("x", "must be an object"),
+                                              (None, "must be an object")]),
+        "signature.kid": token(64),
+        "signature.alg": enum(("ed25519",)),
+        "signature.sig": Case(good=["AAAA", "A" * 86 + "=="],
+                              bad=[("AAA", "shorter than 4"), ("AA-_", "base64")]),
     },
     "deadletter": {
         "source_topic": line(256),
