@@ -34,6 +34,14 @@ from models.enforcement import Decision, EnforcementTable, RouteMatcher
 
 EGRESS_PREFIX = "/_egress/"
 
+#: Largest body (of known length) read whole instead of streamed. 64 KiB: almost every
+#: API request and response fits, and costs one buffer and one write as before; it stays
+#: far below aiohttp's 1 MiB ``client_max_size`` that ``request.read()`` enforces.
+WHOLE_BODY_MAX = 64 * 1024
+#: Piece size of a streamed body: at most this much per request sits in the sidecar.
+#: 64 KiB matches aiohttp's read buffer, so a chunk is one socket read.
+CHUNK = 64 * 1024
+
 # RFC 9110 section 7.6.1 hop-by-hop headers, plus the ones aiohttp recomputes.
 _HOP_BY_HOP = frozenset(
     h.lower()
@@ -159,7 +167,7 @@ class Proxy:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _refuse(decision: Decision) -> web.Response:
+    def _refuse(decision: Decision) -> web.StreamResponse:
         headers: dict[str, str] = {"X-Stanch-Enforcement": decision.reason}
         if decision.retry_after_s:
             headers["Retry-After"] = str(decision.retry_after_s)
@@ -169,25 +177,42 @@ class Proxy:
 
     async def _forward(
         self, request: web.BaseRequest, url: str
-    ) -> tuple[web.Response, bool | None]:
+    ) -> tuple[web.StreamResponse, bool | None]:
         """Forward one request; the second value is telemetry's ``error`` (True when the
-        forward itself failed, None when the upstream's status decides)."""
+        forward itself failed, None when the upstream's status decides).
+
+        Bodies of any size pass in both directions: up to ``WHOLE_BODY_MAX`` bytes of
+        known length they are read whole (one buffer, one write: the common case, and the
+        cheapest), anything larger or of unknown length is streamed in ``CHUNK`` pieces,
+        so the sidecar holds at most a chunk per request and adds no size limit of its own
+        (aiohttp's ``client_max_size`` of 1 MiB applies only to ``request.read()``, which
+        answered 413 to every larger upload)."""
         session = self._session
         assert session is not None, "Proxy.start() was not awaited"
-        body = await request.read() if request.body_exists else None
+        headers = _forward_headers(request.headers)
+        data: Any = None
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length <= WHOLE_BODY_MAX:
+                data = await request.read()
+            else:
+                data = request.content  # streamed; chunked upstream when no length
+                if length is not None:
+                    headers["Content-Length"] = str(length)  # keep the client's framing
         try:
             async with session.request(
-                request.method,
-                url,
-                headers=_forward_headers(request.headers),
-                data=body,
-                allow_redirects=False,
+                request.method, url, headers=headers, data=data, allow_redirects=False
             ) as resp:
-                payload = await resp.read()
-                response = web.Response(
-                    status=resp.status, body=payload, headers=_forward_headers(resp.headers)
-                )
-                return response, None
+                length = resp.content_length
+                if (length is not None and length <= WHOLE_BODY_MAX) or (
+                    request.method == "HEAD" or resp.status in (204, 304)
+                ):
+                    payload = await resp.read()
+                    response = web.Response(
+                        status=resp.status, body=payload, headers=_forward_headers(resp.headers)
+                    )
+                    return response, None
+                return await self._stream_back(request, resp)
         except TimeoutError:
             self.counters.upstream_errors += 1
             return web.Response(status=504, text="upstream timed out\n"), True
@@ -195,6 +220,31 @@ class Proxy:
             self.counters.upstream_errors += 1
             text = f"upstream unreachable: {type(exc).__name__}"
             return web.Response(status=502, text=f"{text}\n"), True
+
+    async def _stream_back(
+        self, request: web.BaseRequest, resp: aiohttp.ClientResponse
+    ) -> tuple[web.StreamResponse, bool | None]:
+        """Copy a large (or unknown-length) upstream body to the client chunk by chunk.
+
+        The status and headers are sent first, so an upstream that fails mid-body can no
+        longer be answered 502: the client's connection is closed instead (a short body,
+        never a complete-looking wrong one) and the event is an error. A client that goes
+        away mid-body just ends the copy."""
+        response = web.StreamResponse(status=resp.status, headers=_forward_headers(resp.headers))
+        if resp.content_length is not None:
+            response.content_length = resp.content_length
+        try:
+            await response.prepare(request)
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+        except ConnectionError:  # the client went away: nothing left to answer
+            return response, None
+        except (TimeoutError, aiohttp.ClientError):
+            self.counters.upstream_errors += 1
+            if request.transport is not None:
+                request.transport.close()
+            return response, True
+        return response, None
 
     def _record(
         self,

@@ -581,3 +581,67 @@ def test_traffic_flows_with_the_broker_down(tmp_path: Path, keys_dir: Path) -> N
 
     run(scenario())
 
+
+
+def bulk_app() -> web.Application:
+    """An upstream that echoes any body back (as one buffer) and serves a large download
+    streamed in pieces with no Content-Length (chunked)."""
+    payload = bytes(range(256)) * (5 * 1024 * 1024 // 256 + 1)
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.Response(body=body, headers={"X-Received": str(len(body))})
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        size = int(request.query["size"])
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for offset in range(0, size, 100_000):
+            await response.write(payload[offset:min(size, offset + 100_000)])
+        await response.write_eof()
+        return response
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/echo", echo)
+    app.router.add_get("/download", download)
+    return app
+
+
+def test_large_bodies_pass_both_ways_ingress_and_egress(topics: Settings,
+                                                        keys_dir: Path) -> None:
+    five_mb = 5 * 1024 * 1024
+    upload = bytes((i * 7 + 3) % 251 for i in range(five_mb))
+    expected_download = (bytes(range(256)) * (five_mb // 256 + 1))[:five_mb]
+
+    async def chunks(data: bytes) -> Any:  # no Content-Length: a chunked upload
+        for offset in range(0, len(data), 300_000):
+            yield data[offset:offset + 300_000]
+
+    async def scenario() -> None:
+        up, up_url = await start_app(bulk_app())
+        dep, dep_url = await start_app(bulk_app())
+        sidecar = await start_sidecar(topics, keys_dir, up_url, dependencies={"store": dep_url})
+        try:
+            async with aiohttp.ClientSession() as http:
+                for base in (sidecar.ingress_url, sidecar.egress_url("store")):
+                    async with http.post(f"{base}/echo", data=upload) as r:
+                        assert r.status == 200, await r.text()
+                        assert r.headers["X-Received"] == str(five_mb)
+                        assert await r.read() == upload
+                    async with http.post(f"{base}/echo", data=chunks(upload)) as r:
+                        assert r.status == 200
+                        assert await r.read() == upload
+                    async with http.get(f"{base}/download?size={five_mb}") as r:
+                        assert r.status == 200
+                        assert await r.read() == expected_download
+                    async with http.post(f"{base}/echo", data=b"small") as r:
+                        assert await r.read() == b"small"  # the whole-buffer path still works
+            events = await read_request_events(topics, want=8)
+            assert sorted(e["status"] for e in events) == [200] * 8
+            assert sum(1 for e in events if e.get("dependency") == "store") == 4
+        finally:
+            await sidecar.stop()
+            await up.cleanup()
+            await dep.cleanup()
+
+    run(scenario())
