@@ -25,7 +25,6 @@ from typing import Any
 from models.errors import ModelInputError
 from models.policy import RollbackPolicy
 
-
 #: Rolled-back change ids remembered. A change is a suspect only within
 #: suspect_window_s (300 s) of an onset, so only the rollbacks of the last few minutes
 #: matter; 1024 is far above any fleet's rollbacks in that time and bounds the memory.

@@ -112,6 +112,9 @@ class Incident:
     #: Their anomalies in that period (and for verify.settle_s after it) are the action's
     #: doing: recorded on this timeline, never counted, grouped or blamed
     shaped: dict[str, list] = field(default_factory=dict)
+    #: newest window of a *counted* anomaly per "service" (ingress) or "caller>dep"
+    #: (egress): the half-open probe of an isolation is gated on its target's
+    last_counted: dict[str, float] = field(default_factory=dict)
     reason: str = ""
 
     @property
@@ -143,6 +146,7 @@ class Incident:
         d["isolated_edges"] = set(d.get("isolated_edges", d["masked_edges"]))
         d["edges"] = {c: dict(deps) for c, deps in d.get("edges", {}).items()}
         d["shaped"] = {k: list(v) for k, v in d.get("shaped", {}).items()}
+        d["last_counted"] = dict(d.get("last_counted", {}))
         d["signals"] = {k: dict(v) for k, v in d.get("signals", {}).items()}
         return cls(**d)
 
@@ -296,7 +300,9 @@ class IncidentBook:
         if dep:
             self._known[dep] = max(self._known.get(dep, ws), ws)
         entries: list[TimelineEntry | None] = []
-        shaper = self._shaped_by(svc, ws)
+        # the finding rests on its evidence windows: the earliest may predate a lift
+        first = ws - (a["evidence_windows"] - 1) * a["window_s"]
+        shaper = self._shaped_by(svc, first, ws)
         if shaper is not None:
             # Upstream of an action in force: what it sees are the action's answers
             # (fail-fast, throttled), not a new fault. Recorded, not counted, not grouped.
@@ -410,6 +416,8 @@ class IncidentBook:
         inc.last_any_ws = max(inc.last_any_ws, ws)
         if not self._is_masked(inc, a):
             inc.last_ws = max(inc.last_ws, ws)
+            k = f"{svc}>{dep}" if dep else svc
+            inc.last_counted[k] = max(inc.last_counted.get(k, ws), ws)
         key = f"{a['series']}|{a['signal']}"
         sig = inc.signals.get(key)
         if sig is None and len(inc.signals) < MAX_SIGNALS:
@@ -649,17 +657,32 @@ class IncidentBook:
             if span[1] is None and svc not in current:
                 span[1] = now
         for svc, since in current.items():
+            old = inc.shaped.get(svc)
+            if old is None or old[1] is not None:
+                inc.shaped[svc] = [since if old is None else min(since, old[0]), None]
+
+    def note_lifted(self, incident_id: str, services: list[str], since: float,
+                    until: float) -> None:
+        """An action of the incident on ``services`` (where it ran, its target) was in
+        force from ``since`` to ``until``: anomalies of their windows from that period
+        (stragglers arriving after the lift, or the windows straddling it) are its doing."""
+        inc = self._incidents.get(incident_id)
+        if inc is None:
+            return
+        for svc in services:
             span = inc.shaped.get(svc)
             if span is None or span[1] is not None:
-                inc.shaped[svc] = [since if span is None else min(since, span[0]), None]
+                inc.shaped[svc] = [since if span is None else min(since, span[0]),
+                                   until if span is None else max(until, span[1])]
 
-    def _shaped_by(self, svc: str, ws: float) -> Incident | None:
-        """The incident whose action shaped ``svc``'s window ``ws`` (None: none did)."""
+    def _shaped_by(self, svc: str, first: float, ws: float) -> Incident | None:
+        """The incident whose action shaped ``svc``'s windows ``first``..``ws`` (the
+        windows a finding rests on), or None when none of them was shaped."""
         settle = self.policy.verify.settle_s
         for _, inc in sorted(self._incidents.items()):
             span = inc.shaped.get(svc)
             if span is not None and span[0] <= ws and (span[1] is None
-                                                       or ws < span[1] + settle):
+                                                       or first < span[1] + settle):
                 return inc
         return None
 

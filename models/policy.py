@@ -122,10 +122,12 @@ class VerifyPolicy:
     runs on, its target (an isolated dependency) and every service upstream of it
     (their answers now carry its fail-fast or throttled answers)."""
 
-    # A command takes effect at the sidecars within a window (delivery, ~0.1-1 s) and the
-    # window it lands in is half-shaped: windows starting this long after the command are
-    # its effect. Also how long after a lift the windows still straddle it.
-    settle_s: float = field(default=2.0, metadata=_num(0, 3600))
+    # When a command is decided at event time `now` (the start of the newest window
+    # seen), that window closed at now + window (1 s) + grace (0.5 s); the command then
+    # reaches the sidecars within ~1 s. So it takes effect ~2.5 s after `now`, and the
+    # first window wholly after it starts 3 s after `now`: windows from then on are its
+    # effect, and for that long after a lift windows still straddle the lift.
+    settle_s: float = field(default=3.0, metadata=_num(0, 3600))
     # windows compared before and after an action (5 s at 1 s windows: enough requests
     # for a Poisson comparison at the fleet's rates, short enough to revert "at once")
     compare_windows: int = field(default=5, metadata=_num(1, 1000))
