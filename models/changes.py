@@ -25,6 +25,11 @@ from typing import Any
 from models.errors import ModelInputError
 from models.policy import RollbackPolicy
 
+#: Rolled-back change ids remembered. A change is a suspect only within
+#: suspect_window_s (300 s) of an onset, so only the rollbacks of the last few minutes
+#: matter; 1024 is far above any fleet's rollbacks in that time and bounds the memory.
+MAX_ROLLED_BACK = 1024
+
 
 class ChangeInputError(ModelInputError):
     """A change or window the change log cannot use."""
@@ -125,6 +130,9 @@ class ChangeLog:
         self._changes: dict[str, deque[Change]] = {}
         # service -> deque of [window_start, {version: [count, errors]}, count, errors, p99]
         self._tallies: dict[str, deque[list]] = {}
+        # change_id -> event time it was rolled back: never a suspect again (a rolled-back
+        # change no longer runs, so later anomalies are not its doing)
+        self._rolled_back: dict[str, float] = {}
 
     # ---- input -------------------------------------------------------------------
     def add(self, change: dict | Change) -> tuple[Change, bool]:
@@ -167,6 +175,16 @@ class ChangeLog:
         if p99 is not None and count > 0:
             row[4] = p99 if row[4] is None else max(row[4], p99)
 
+    def mark_rolled_back(self, change_id: str, at: float) -> None:
+        """The change was rolled back at ``at``: it stops being a suspect."""
+        if change_id not in self._rolled_back:
+            self._rolled_back[change_id] = at
+            while len(self._rolled_back) > MAX_ROLLED_BACK:
+                del self._rolled_back[next(iter(self._rolled_back))]
+
+    def rolled_back(self, change_id: str) -> bool:
+        return change_id in self._rolled_back
+
     # ---- queries -----------------------------------------------------------------
     def suspect(self, services: list[str], onset: float, policy: RollbackPolicy) -> Change | None:
         """The latest change of one of `services` in [onset - window, onset + slack].
@@ -178,7 +196,8 @@ class ChangeLog:
         best: Change | None = None
         for s in services:
             for c in self._changes.get(s, ()):
-                if c.kind in policy.kinds and lo <= c.ts <= hi and (
+                if c.kind in policy.kinds and lo <= c.ts <= hi and \
+                        c.change_id not in self._rolled_back and (
                         best is None or (c.ts, c.change_id) > (best.ts, best.change_id)):
                     best = c
         return best
@@ -216,6 +235,7 @@ class ChangeLog:
             "changes": {s: [c.to_dict() for c in q] for s, q in self._changes.items()},
             "tallies": {s: [[r[0], {v: list(x) for v, x in r[1].items()}, r[2], r[3], r[4]]
                             for r in q] for s, q in self._tallies.items()},
+            "rolled_back": dict(self._rolled_back),
         }
 
     def load_state(self, d: dict[str, Any]) -> None:
@@ -224,6 +244,7 @@ class ChangeLog:
         self._tallies = {s: deque(([r[0], {v: list(x) for v, x in r[1].items()}, r[2], r[3],
                                     r[4]] for r in rows), maxlen=self.max_windows)
                          for s, rows in d.get("tallies", {}).items()}
+        self._rolled_back = {str(k): float(v) for k, v in d.get("rolled_back", {}).items()}
 
 
 def _median(xs: list[float]) -> float | None:

@@ -46,6 +46,11 @@ MAX_ANOMALY_IDS = 1024
 MAX_SIGNALS = 256
 SEEN_IDS = 20_000
 MAX_EVIDENCE_WINDOWS = 30
+#: Windows of errors/requests kept per service and per call edge for the before/after
+#: judgement of actions (verify.compare_windows before, settle + compare after, and the
+#: rolling check of improvement): 60 windows (a minute at 1 s) covers the default 2 + 5
+#: with room for a policy asking for longer comparisons.
+LEDGER_WINDOWS = 60
 
 
 class IncidentInputError(ModelInputError):
@@ -103,6 +108,13 @@ class Incident:
     masked_edges: set[str] = field(default_factory=set)
     #: edges under any isolation step, full or half-open (masked_edges: full only)
     isolated_edges: set[str] = field(default_factory=set)
+    #: services upstream of this incident's actions: service -> [since, until or None].
+    #: Their anomalies in that period (and for verify.settle_s after it) are the action's
+    #: doing: recorded on this timeline, never counted, grouped or blamed
+    shaped: dict[str, list] = field(default_factory=dict)
+    #: newest window of a *counted* anomaly per "service" (ingress) or "caller>dep"
+    #: (egress): the half-open probe of an isolation is gated on its target's
+    last_counted: dict[str, float] = field(default_factory=dict)
     reason: str = ""
 
     @property
@@ -133,6 +145,8 @@ class Incident:
         # (a snapshot from before this field knew only the fully isolated edges)
         d["isolated_edges"] = set(d.get("isolated_edges", d["masked_edges"]))
         d["edges"] = {c: dict(deps) for c, deps in d.get("edges", {}).items()}
+        d["shaped"] = {k: list(v) for k, v in d.get("shaped", {}).items()}
+        d["last_counted"] = dict(d.get("last_counted", {}))
         d["signals"] = {k: dict(v) for k, v in d.get("signals", {}).items()}
         return cls(**d)
 
@@ -233,6 +247,11 @@ class IncidentBook:
         self._last_window: dict[str, float] = {}  # service -> newest own window_start
         self._window_clock = -math.inf  # newest window_start of any window (or on_idle)
         self._clock = 0.0
+        # Errors and requests per window, per service (ingress) and per edge "caller>dep"
+        # (egress): [[window_start, errors, requests], ...], for judging actions
+        self._ledger: dict[str, deque[list]] = {}
+        # The call graph as the egress windows show it: dependency -> caller -> last window
+        self._calls: dict[str, dict[str, float]] = {}
 
     # ---- queries -----------------------------------------------------------------
     def open_incidents(self) -> list[Incident]:
@@ -279,11 +298,26 @@ class IncidentBook:
         svc, dep, ws = a["service"], a["dependency"], a["window_start"]
         self._known[svc] = max(self._known.get(svc, ws), ws)
         if dep:
-            self._callers.setdefault(dep, {})[svc] = ws
             self._known[dep] = max(self._known.get(dep, ws), ws)
+        entries: list[TimelineEntry | None] = []
+        # the finding rests on its evidence windows: the earliest may predate a lift
+        first = ws - (a["evidence_windows"] - 1) * a["window_s"]
+        shaper = self._shaped_by(svc, first, ws)
+        if shaper is not None:
+            # Upstream of an action in force: what it sees are the action's answers
+            # (fail-fast, throttled), not a new fault. Recorded, not counted, not grouped.
+            entries.append(self._entry(
+                shaper, "anomaly", now,
+                f"{a['signal']} on {a['series']} (severity {a['severity']}): upstream of a "
+                "mitigation in force, not counted", anomaly_ids=[a["id"]],
+                details={"series": a["series"], "signal": a["signal"],
+                         "observed": a["observed"], "expected": a["expected"],
+                         "window_start": ws, "counted": False, "shaped": True}))
+            return [e for e in entries if e is not None]
+        if dep:
+            self._callers.setdefault(dep, {})[svc] = ws
         else:
             self._ingress_seen[svc] = ws
-        entries: list[TimelineEntry | None] = []
         inc = self._find(svc, dep, ws)
         if inc is None:
             root = dep if dep and self._dep_qualified(dep, ws, None) else svc
@@ -382,6 +416,8 @@ class IncidentBook:
         inc.last_any_ws = max(inc.last_any_ws, ws)
         if not self._is_masked(inc, a):
             inc.last_ws = max(inc.last_ws, ws)
+            k = f"{svc}>{dep}" if dep else svc
+            inc.last_counted[k] = max(inc.last_counted.get(k, ws), ws)
         key = f"{a['series']}|{a['signal']}"
         sig = inc.signals.get(key)
         if sig is None and len(inc.signals) < MAX_SIGNALS:
@@ -431,13 +467,17 @@ class IncidentBook:
     def _is_masked(self, inc: Incident, a: dict) -> bool:
         """Anomalies an isolation itself causes. The caller's egress to a fully isolated
         dependency (half-open, that series carries the probes' outcome: not masked, a
-        failing probe must reopen the circuit), and the caller's own error rate while any
+        failing probe must reopen the circuit), the caller's own error rate while any
         isolation step is in force (full or half-open, most of its calls still fail fast:
         judged by it, a dependency that has recovered would never pass its half-open step
-        and the isolation would outlive the incident)."""
+        and the isolation would outlive the incident), and the dependency's traffic (its
+        callers' calls no longer reach it). Services upstream of the caller are handled
+        before grouping (``shaped``)."""
         svc, dep = a["service"], a["dependency"]
         if dep:
             return f"{svc}>{dep}" in inc.masked_edges
+        if a["signal"] == "traffic" and any(e.endswith(f">{svc}") for e in inc.isolated_edges):
+            return True  # an isolated dependency loses its callers' calls: that is no fault
         return a["signal"] == "errors" and any(
             e.startswith(f"{svc}>") for e in inc.isolated_edges)
 
@@ -509,6 +549,12 @@ class IncidentBook:
         self._last_window[svc] = max(self._last_window.get(svc, ws), ws)
         self._window_clock = max(self._window_clock, ws)
         self._windows_seen[svc] = self._windows_seen.get(svc, 0) + 1
+        dep = window.get("dependency")
+        if isinstance(dep, str) and dep:
+            self._calls.setdefault(dep, {})[svc] = ws
+            self._tally(f"{svc}>{dep}", ws, window)
+        else:
+            self._tally(svc, ws, window)
         try:
             self.changes.add_window(window)
         except ChangeInputError as exc:
@@ -540,6 +586,105 @@ class IncidentBook:
         if parts[1] == "rollback" and status in ("rejected", "failed") and inc.active:
             entries.append(self.escalate(inc.id, now, f"rollback {status}: {ack.get('reason')}"))
         return [e for e in entries if e is not None]
+
+    def _tally(self, key: str, ws: float, window: dict) -> None:
+        errors, count = window.get("errors"), window.get("count")
+        if isinstance(errors, bool) or not isinstance(errors, int | float) or \
+                not math.isfinite(errors):
+            errors = 0
+        if isinstance(count, bool) or not isinstance(count, int | float) or \
+                not math.isfinite(count):
+            count = 0
+        q = self._ledger.setdefault(key, deque(maxlen=LEDGER_WINDOWS))
+        for row in reversed(q):  # several routes of one window: merge
+            if row[0] == ws:
+                row[1] += max(0.0, float(errors))
+                row[2] += max(0.0, float(count))
+                return
+            if row[0] < ws:
+                break
+        q.append([ws, max(0.0, float(errors)), max(0.0, float(count))])
+        if len(q) > 1 and q[-2][0] > ws:  # a late window: keep time order
+            rows = sorted(q, key=lambda r: r[0])
+            q.clear()
+            q.extend(rows)
+
+    # ---- queries for the mitigator ----------------------------------------------------
+    def errors_between(self, keys: list[str], t0: float, t1: float) -> tuple[float, float, int]:
+        """(error responses, requests, distinct windows) of ``keys`` (services, or edges
+        "caller>dep") over windows starting in [t0, t1)."""
+        errors = requests = 0.0
+        starts: set[float] = set()
+        for key in keys:
+            for ws, e, n in self._ledger.get(key, ()):
+                if t0 <= ws < t1:
+                    errors += e
+                    requests += n
+                    starts.add(ws)
+        return errors, requests, len(starts)
+
+    def upstream(self, service: str) -> set[str]:
+        """Every service that calls ``service``, directly or through others (the call
+        graph of the egress windows seen), without ``service`` itself."""
+        out: set[str] = set()
+        frontier = [service]
+        while frontier:
+            nxt = []
+            for node in frontier:
+                for caller in sorted(self._calls.get(node, {})):
+                    if caller not in out and caller != service:
+                        out.add(caller)
+                        nxt.append(caller)
+            frontier = nxt
+        return out
+
+    def last_window_of(self, service: str) -> float | None:
+        """The newest window_start of the service's own telemetry (None: never seen)."""
+        return self._last_window.get(service)
+
+    def mark_rolled_back(self, change_id: str, at: float) -> None:
+        """A change was rolled back: it is no incident's suspect from now on."""
+        self.changes.mark_rolled_back(change_id, at)
+
+    def set_shaped(self, incident_id: str, current: dict[str, float], now: float) -> None:
+        """Services upstream of the incident's actions in force now (service -> since);
+        a service no longer in ``current`` is closed at ``now`` (its windows until
+        verify.settle_s later still straddle the lift)."""
+        inc = self._incidents.get(incident_id)
+        if inc is None:
+            return
+        for svc, span in inc.shaped.items():
+            if span[1] is None and svc not in current:
+                span[1] = now
+        for svc, since in current.items():
+            old = inc.shaped.get(svc)
+            if old is None or old[1] is not None:
+                inc.shaped[svc] = [since if old is None else min(since, old[0]), None]
+
+    def note_lifted(self, incident_id: str, services: list[str], since: float,
+                    until: float) -> None:
+        """An action of the incident on ``services`` (where it ran, its target) was in
+        force from ``since`` to ``until``: anomalies of their windows from that period
+        (stragglers arriving after the lift, or the windows straddling it) are its doing."""
+        inc = self._incidents.get(incident_id)
+        if inc is None:
+            return
+        for svc in services:
+            span = inc.shaped.get(svc)
+            if span is None or span[1] is not None:
+                inc.shaped[svc] = [since if span is None else min(since, span[0]),
+                                   until if span is None else max(until, span[1])]
+
+    def _shaped_by(self, svc: str, first: float, ws: float) -> Incident | None:
+        """The incident whose action shaped ``svc``'s windows ``first``..``ws`` (the
+        windows a finding rests on), or None when none of them was shaped."""
+        settle = self.policy.verify.settle_s
+        for _, inc in sorted(self._incidents.items()):
+            span = inc.shaped.get(svc)
+            if span is not None and span[0] <= ws and (span[1] is None
+                                                       or first < span[1] + settle):
+                return inc
+        return None
 
     # ---- timers --------------------------------------------------------------------
     def tick(self, now: float) -> list[TimelineEntry]:
@@ -680,6 +825,8 @@ class IncidentBook:
             "window_clock": self._window_clock if math.isfinite(self._window_clock) else None,
             "clock": self._clock,
             "changes": self.changes.to_state(),
+            "ledger": {k: [list(r) for r in q] for k, q in self._ledger.items()},
+            "calls": {d: dict(c) for d, c in self._calls.items()},
         }
 
     @classmethod
@@ -698,4 +845,7 @@ class IncidentBook:
         book._window_clock = float(wc) if wc is not None else -math.inf
         book._clock = float(d.get("clock", 0.0))
         book.changes.load_state(d.get("changes", {}))
+        book._ledger = {k: deque((list(r) for r in rows), maxlen=LEDGER_WINDOWS)
+                        for k, rows in d.get("ledger", {}).items()}
+        book._calls = {k: dict(v) for k, v in d.get("calls", {}).items()}
         return book

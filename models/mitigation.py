@@ -48,6 +48,7 @@ their lease; pending approvals are dropped and re-proposed after resume).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -107,6 +108,12 @@ class Active:
     last_step_at: float | None = None  # event time of the last restore step (None: never)
     base_rate: float | None = None
     since: float = 0.0  # when this mitigation was first issued (renewals keep it)
+    #: the services whose answers it changes: where it runs, its target (isolate) and
+    #: everything upstream (see VerifyPolicy)
+    scope: list[str] = field(default_factory=list)
+    #: [error responses, windows] of the scope over the windows before it was issued
+    before: list[float] | None = None
+    verdict: str = ""  # "" (not judged yet), "worse", "better", "same", "unknown"
 
     @property
     def key(self) -> str:
@@ -154,6 +161,8 @@ class Mitigator:
         self._noted: set[str] = set()
         self._cooldown: dict[str, float] = {}
         self._rolled_back: set[str] = set()
+        self._reverted: set[str] = set()  # f"{incident_id}|{action key}": never again
+        self._lifted: dict[str, float] = {}  # service -> when an action shaping it ended
 
     # ---- control -------------------------------------------------------------------
     def apply_control(self, msg: dict, now: float) -> str:
@@ -195,13 +204,18 @@ class Mitigator:
     # ---- queries -------------------------------------------------------------------
     def mitigated_services(self, now: float) -> set[str]:
         """Services whose traffic a live mitigation shapes: their baselines must not learn
-        (the isolated dependency too: its callers no longer reach it)."""
+        (the isolated dependency too: its callers no longer reach it; and every service
+        upstream, which serves the action's fail-fast or throttled answers), until
+        ``verify.settle_s`` after the action ended (windows straddling the lift)."""
         out: set[str] = set()
         for act in self._active.values():
             if act.expires_at > now:
                 out.add(act.service)
+                out.update(act.scope)  # upstream: they serve the action's answers
                 if act.kind == "isolate":
                     out.add(act.target)
+        settle = self.policy.verify.settle_s
+        out.update(s for s, until in self._lifted.items() if now < until + settle)
         return out
 
     def active(self) -> list[Active]:
@@ -227,7 +241,49 @@ class Mitigator:
                 self._forget_pending(inc.id)
         for inc in book.open_incidents():
             self._handle(book, inc, now, storm, res)
+        self._sync_shaped(book, now)
         return res
+
+    def _sync_shaped(self, book: IncidentBook, now: float) -> None:
+        """Tell the book which services are upstream of each incident's actions in force
+        (their anomalies are the action's doing), and remember lifts for the detectors."""
+        current: dict[str, dict[str, float]] = {}
+        for act in self._active.values():
+            if act.kind not in LEASED_KINDS or act.expires_at <= now:
+                continue
+            scope = self._scope(book, act.kind, act.service, act.target)
+            act.scope = scope
+            mine = current.setdefault(act.incident_id, {})
+            for svc in scope:
+                if svc not in (act.service, act.target):
+                    mine[svc] = min(mine.get(svc, act.since), act.since)
+        for inc in book.incidents():
+            if inc.id in current or any(span[1] is None for span in inc.shaped.values()):
+                before = {svc for svc, span in inc.shaped.items() if span[1] is None}
+                book.set_shaped(inc.id, current.get(inc.id, {}), now)
+                for svc in before - set(current.get(inc.id, {})):
+                    self._lifted[svc] = now
+        settle = self.policy.verify.settle_s
+        for svc in [s for s, until in self._lifted.items() if now >= until + settle]:
+            del self._lifted[svc]
+
+    def _lifted_now(self, book: IncidentBook, act: Active, now: float) -> None:
+        """An action ended: its own services' windows of its period and until settle_s
+        after it are its doing (stragglers never open an incident of their own), and the
+        detectors do not learn from them."""
+        own = [act.service] + ([act.target] if act.kind == "isolate" else [])
+        book.note_lifted(act.incident_id, own, act.since, now)
+        for svc in own:
+            self._lifted[svc] = max(self._lifted.get(svc, now), now)
+
+    @staticmethod
+    def _scope(book: IncidentBook, kind: str, service: str, target: str) -> list[str]:
+        """The services whose answers an action changes: it runs on ``service``, an
+        isolation cuts ``target``, and every caller upstream serves what they return."""
+        out = {service} | book.upstream(service)
+        if kind == "isolate":
+            out.add(target)
+        return sorted(out)
 
     def _acts(self, incident_id: str) -> list[Active]:
         return [a for _, a in sorted(self._active.items()) if a.incident_id == incident_id]
@@ -241,6 +297,8 @@ class Mitigator:
         for key, act in sorted(self._active.items()):
             if act.expires_at <= now:
                 del self._active[key]
+                if act.kind in LEASED_KINDS:
+                    self._lifted_now(book, act, now)
                 if book.get(act.incident_id) is not None and act.kind in LEASED_KINDS:
                     res.add(book.record(
                         act.incident_id, "decision", now,
@@ -257,14 +315,21 @@ class Mitigator:
             self._note(book, inc, "paused", now, "paused: no command until resume", res)
             return
         self._regress(book, inc, acts, now, res)
+        self._probe(book, inc, self._acts(inc.id), now, res)
+        if self._judge(book, inc, now, res):
+            return  # the incident was escalated: humans take over
+        acts = self._acts(inc.id)
         self._renew(book, inc, acts, now, res)
         self._issue_approved(book, inc, now, res)
         if storm:
             return
         if not self._hysteresis_met(inc, now):
             return
-        for prop in self._propose(inc, now):
+        notes: list[tuple[str, str]] = []
+        for prop in self._propose(inc, now, notes):
             self._consider(book, inc, prop, now, res)
+        for key, reason in notes:
+            self._note(book, inc, key, now, reason, res)
         self._mask(book, inc)
 
     def _mask(self, book: IncidentBook, inc: Incident) -> None:
@@ -301,11 +366,15 @@ class Mitigator:
         return bool(sus and sus.get("confirmed")) and inc.id not in self._rolled_back
 
     # ---- proposals -----------------------------------------------------------------
-    def _propose(self, inc: Incident, now: float) -> list[_Proposal]:
+    def _propose(self, inc: Incident, now: float,
+                 notes: list[tuple[str, str]]) -> list[_Proposal]:
         p = self.policy
         sus = inc.suspect
         if inc.id in self._rolled_back:
-            return []  # a rollback is the fix under test: do not pile on
+            # A rollback is the fix under test for what a version does (errors, latency):
+            # nothing is piled on for those. It cannot undo demand: a surge is judged on
+            # its own and throttled.
+            return [x for x in self._throttles(inc) if x.kind == "throttle"]
         if sus is not None:
             c = sus["change"]
             if sus.get("confirmed") or not p.rollback.require_confirmed:
@@ -328,18 +397,18 @@ class Mitigator:
         # legitimate share of its traffic too; the cure is the throttle at the root below.
         if root not in surging:
             for caller in inc.callers_of(root):
-                if caller != root and p.allows(caller, "isolate"):
+                share = self._failure_share(inc, caller, root)
+                if caller != root and p.allows(caller, "isolate") and \
+                        share >= p.isolate.min_failure_share:
                     out.append(_Proposal("isolate", caller, root, {"state": "open"},
-                                         f"dependency failure: {caller} fails on calls to "
-                                         f"{root}"))
-        for (svc, target), (rate, route) in sorted(surges.items()):
-            if p.allows(svc, "throttle"):
-                params: dict[str, Any] = {"rate_per_s": rate}
-                if route is not None:
-                    params["route"] = route
-                out.append(_Proposal("throttle", svc, target, params,
-                                     f"traffic surge on {svc} {target}: cap at baseline "
-                                     f"+{p.headroom_for(svc):.0%} = {rate:g}/s"))
+                                         f"dependency failure: {caller} fails {share:.0%} "
+                                         f"of its calls to {root}"))
+                elif caller != root and p.allows(caller, "isolate"):
+                    notes.append((f"no-isolate|{caller}>{root}",
+                                  f"no isolation of {root} at {caller}: {share:.0%} of its "
+                                  f"calls fail (< {p.isolate.min_failure_share:.0%}); an "
+                                  "open circuit would fail them all"))
+        out += self._throttles(inc)
         for svc in sorted({s for s, _ in surges} | self._overloaded(inc)):
             if self._saturated(inc, svc, now) and p.allows(svc, "shed") and \
                     p.low_priority_routes(svc):
@@ -349,6 +418,28 @@ class Mitigator:
                                      f"saturation on {svc}: shed {p.shed.share:.0%} of "
                                      "low-priority routes"))
         return out
+
+    def _throttles(self, inc: Incident) -> list[_Proposal]:
+        p = self.policy
+        out: list[_Proposal] = []
+        for (svc, target), (rate, route) in sorted(self._surges(inc).items()):
+            if p.allows(svc, "throttle"):
+                params: dict[str, Any] = {"rate_per_s": rate}
+                if route is not None:
+                    params["route"] = route
+                out.append(_Proposal("throttle", svc, target, params,
+                                     f"traffic surge on {svc} {target}: cap at baseline "
+                                     f"+{p.headroom_for(svc):.0%} = {rate:g}/s"))
+        return out
+
+    @staticmethod
+    def _failure_share(inc: Incident, caller: str, dep: str) -> float:
+        """The share of the caller's calls to ``dep`` that fail: the latest error rate
+        its egress error finding observed (0 when its calls were only slow)."""
+        rates = [float(sig["observed"]) for sig in inc.signals.values()
+                 if sig["service"] == caller and sig["dependency"] == dep
+                 and sig["signal"] == "errors" and sig["observed"] is not None]
+        return min(1.0, max(rates)) if rates else 0.0
 
     def _surges(self, inc: Incident) -> dict[tuple[str, str], tuple[float, str | None]]:
         """(service, target) -> (rate_per_s, route) for surging ingress series."""
@@ -394,6 +485,8 @@ class Mitigator:
     # ---- safeguards around one proposal --------------------------------------------
     def _consider(self, book: IncidentBook, inc: Incident, prop: _Proposal, now: float,
                   res: StepResult) -> None:
+        if f"{inc.id}|{prop.key}" in self._reverted:
+            return  # it made this incident worse once: never again for it
         if prop.key in self._active or any(
                 f"{d.kind}|{d.service}|{d.target}" == prop.key and d.incident_id == inc.id
                 for d in self._pending.values()):
@@ -456,7 +549,11 @@ class Mitigator:
                res: StepResult, note: str = "") -> None:
         res.decisions.append(d)
         if d.kind == "rollback":
+            # once per incident, once per change (it stops being a suspect), and the
+            # service's rollback cooldown starts now: the rollback is the fix under test
             self._rolled_back.add(inc.id)
+            book.mark_rolled_back(str(d.params.get("change_id")), now)
+            self._cooldown[f"{d.service}|rollback"] = now
         if d.kind != "restore":
             prev = self._active.get(f"{d.kind}|{d.service}|{d.target}")
             act = Active(d.kind, d.service, d.target, dict(d.params), inc.id, now,
@@ -465,6 +562,14 @@ class Mitigator:
                          else prev.base_rate, since=now)
             if prev is not None:
                 act.step, act.last_step_at, act.since = prev.step, prev.last_step_at, prev.since
+                act.scope, act.before, act.verdict = prev.scope, prev.before, prev.verdict
+            elif d.kind in LEASED_KINDS:
+                # what the scope served before: the windows since onset, at most
+                # verify.compare_windows of them, before this window
+                act.scope = self._scope(book, d.kind, d.service, d.target)
+                span = self.policy.verify.compare_windows * self._window_s(inc)
+                e_b, _, n_b = book.errors_between(act.scope, max(inc.onset, now - span), now)
+                act.before = [e_b, float(n_b)]
             self._active[act.key] = act
         if inc.state == "open":
             res.add(book.transition(inc.id, "mitigating", now,
@@ -481,15 +586,105 @@ class Mitigator:
         every = self.policy.safeguards.renew_every_s
         for act in acts:
             if act.kind in LEASED_KINDS and now - act.issued_at >= every:
+                if self._telemetry_stale(book, inc, act, now, res):
+                    return
                 d = self._decision(inc.id, act.kind, act.service, act.target, act.params,
                                    f"lease renewal of {act.command_id}")
                 self._issue(book, inc, d, now, res)
 
+    def _telemetry_stale(self, book: IncidentBook, inc: Incident, act: Active, now: float,
+                         res: StepResult) -> bool:
+        """No renewal without fresh telemetry: when the service the action runs on has
+        sent no window for ``incidents.telemetry_gap_s`` (the bound that defines a
+        telemetry gap; ``lease_s`` when gap detection is off), Stanch can no longer see
+        what its action does. It stops renewing (the lease lapses, the sidecars fail
+        open) and escalates. Returns whether it did."""
+        bound = self.policy.incidents.telemetry_gap_s or self.policy.safeguards.lease_s
+        last = book.last_window_of(act.service)
+        if last is not None and now - last <= bound:
+            return False
+        silent = "no window ever" if last is None else f"no window for {now - last:g} s"
+        res.add(book.escalate(
+            inc.id, now, f"telemetry of {act.service} stopped ({silent}): not renewing "
+                         f"{act.kind} {act.service} -> {act.target}, its lease lapses at "
+                         f"{act.expires_at:g}"))
+        return True
+
+    # ---- before / after ------------------------------------------------------------
+    def _window_s(self, inc: Incident) -> float:
+        sizes = [float(s.get("window_s") or 1.0) for s in inc.signals.values()]
+        return min(sizes) if sizes else 1.0
+
+    def _judge(self, book: IncidentBook, inc: Incident, now: float, res: StepResult) -> bool:
+        """Compare every action's scope with what it was before; revert what made things
+        worse, lift what has not helped within ``verify.improve_within_s``. Returns True
+        when the incident was escalated (it is then no longer the automation's)."""
+        vp = self.policy.verify
+        span = vp.compare_windows * self._window_s(inc)
+        for act in self._acts(inc.id):
+            if act.kind not in LEASED_KINDS or act.before is None:
+                continue
+            e_b, n_b = act.before
+            if not act.verdict:
+                t0 = act.since + vp.settle_s
+                if now < t0 + span:
+                    continue
+                e_a, _, n_a = book.errors_between(act.scope, t0, t0 + span)
+                act.verdict = _verdict(e_b, n_b, e_a, n_a, vp.worse_z)
+                res.add(book.record(
+                    inc.id, "decision", now,
+                    f"verify {act.kind} {act.service} -> {act.target}: error responses of "
+                    f"{', '.join(act.scope)} {_per(e_b, n_b)}/window before, {_per(e_a, n_a)}"
+                    f"/window after: {act.verdict}", command_id=act.command_id,
+                    details={"verdict": act.verdict, "kind": act.kind,
+                             "service": act.service, "target": act.target,
+                             "scope": list(act.scope), "before": [e_b, n_b],
+                             "after": [e_a, n_a]}))
+                if act.verdict == "worse":
+                    self._reverted.add(f"{inc.id}|{act.key}")
+                    self._lift(book, inc, act, now, res,
+                               "made things worse: reverted at once", "worse")
+                    continue
+            elif act.verdict in ("same", "unknown"):
+                e_a, _, n_a = book.errors_between(act.scope, now - span, now)
+                if _verdict(e_b, n_b, e_a, n_a, vp.worse_z) == "better":
+                    act.verdict = "better"
+        stuck = [a for a in self._acts(inc.id) if a.kind in LEASED_KINDS
+                 and a.verdict != "better" and now - a.since >= vp.improve_within_s]
+        if not stuck:
+            return False
+        for act in self._acts(inc.id):
+            if act.kind in LEASED_KINDS:
+                self._lift(book, inc, act, now, res,
+                           f"no improvement within {vp.improve_within_s:g} s: lifted "
+                           "(fail open)", "no improvement")
+        res.add(book.escalate(
+            inc.id, now, f"not improved by {', '.join(sorted({a.kind for a in stuck}))} "
+                         f"within {vp.improve_within_s:g} s: lifted, humans take over"))
+        return True
+
+    def _lift(self, book: IncidentBook, inc: Incident, act: Active, now: float,
+              res: StepResult, why: str, verdict: str) -> None:
+        """Remove an action at once with a final ``restore`` (the sidecars fail open)."""
+        d = self._decision(inc.id, "restore", act.service, act.target,
+                           {"kind": act.kind, **({"route": act.params["route"]}
+                                                 if "route" in act.params else {})},
+                           f"restore: remove {act.kind} {act.service} -> {act.target}: {why}")
+        del self._active[act.key]
+        self._lifted_now(book, act, now)
+        self._cooldown[f"{act.service}|{act.kind}"] = now
+        res.decisions.append(d)
+        res.add(book.record(inc.id, "restore_step", now, d.reason, command_id=d.command_id,
+                            details={"kind": act.kind, "final": True, "verdict": verdict,
+                                     "lifted": act.command_id}))
+        self._mask(book, inc)
+
     def _regress(self, book: IncidentBook, inc: Incident, acts: list[Active], now: float,
                  res: StepResult) -> None:
-        """Signals left the baseline during the ramp: go back one level."""
+        """Signals left the baseline during the ramp: go back one level (isolations:
+        see _probe, which judges them by their target alone)."""
         for act in acts:
-            if act.step == 0 or not self._step_due(act, now):
+            if act.kind == "isolate" or act.step == 0 or not self._step_due(act, now):
                 continue
             act.step -= 1
             act.last_step_at = now
@@ -498,6 +693,52 @@ class Mitigator:
                                f"restore step back to level {act.step}: signals out of "
                                "baseline")
             self._issue(book, inc, d, now, res)
+
+    def _probe(self, book: IncidentBook, inc: Incident, acts: list[Active], now: float,
+               res: StepResult) -> None:
+        """The circuit breaker's own exit, while the incident goes on: an isolation is
+        about its target, so it is judged by the target alone. Once the target has had
+        no counted anomaly for ``restore.step_s`` (its other callers and its own
+        telemetry show it healthy) the circuit goes half-open; the probes' outcome (the
+        caller's calls to it, no longer masked) and the target stay quiet for another
+        step: the circuit closes. A counted anomaly of either while half-open re-opens
+        it at once (a failing probe). Waiting for the whole incident to look stable for
+        ``restore.stable_s`` kept callers failing fast on a dependency that had
+        recovered (dependency-failure: ~75 s of every call failing)."""
+        sp = self.policy.restore.step_s
+        for act in acts:
+            if act.kind != "isolate":
+                continue
+            keys = [act.target] + ([f"{act.service}>{act.target}"] if act.step >= 1 else [])
+            last = max(inc.last_counted.get(k, -math.inf) for k in keys)
+            since = act.since if act.last_step_at is None else act.last_step_at
+            if act.step >= 1 and last >= since:
+                act.step, act.last_step_at = 0, now
+                d = self._decision(inc.id, "isolate", act.service, act.target,
+                                   self._level_params(act),
+                                   f"half-open probe failed: {act.target} still failing, "
+                                   "circuit open again")
+                self._issue(book, inc, d, now, res)
+                continue
+            if now - max(last, since) < sp:
+                continue
+            if act.step == 0:
+                act.step, act.last_step_at = 1, now
+                params = self._level_params(act)
+                d = self._decision(inc.id, "isolate", act.service, act.target, params,
+                                   f"probe: {act.target} quiet for {sp:g} s, half-open")
+                res.decisions.append(d)
+                act.params, act.issued_at = params, now
+                act.expires_at, act.command_id = now + d.lease_s, d.command_id
+                res.add(book.record(inc.id, "restore_step", now,
+                                    f"isolate {act.service} -> {act.target}: {d.reason}",
+                                    command_id=d.command_id,
+                                    details={"params": params, "step": act.step}))
+            else:
+                self._lift(book, inc, act, now, res,
+                           f"probes through to {act.target} succeeded for {sp:g} s",
+                           "recovered")
+        self._mask(book, inc)
 
     def _step_due(self, act: Active, now: float) -> bool:
         return act.last_step_at is None or now - act.last_step_at >= self.policy.restore.step_s
@@ -547,6 +788,7 @@ class Mitigator:
                                                          if "route" in act.params else {})},
                                    f"restore: remove {act.kind} {act.service} -> {act.target}")
                 del self._active[act.key]
+                self._lifted_now(book, act, now)
                 self._cooldown[f"{act.service}|{act.kind}"] = now
                 res.decisions.append(d)
                 res.add(book.record(inc.id, "restore_step", now, d.reason,
@@ -596,3 +838,20 @@ class Mitigator:
         m._cooldown = dict(d["cooldown"])
         m._rolled_back = set(d["rolled_back"])
         return m
+
+
+def _per(errors: float, windows: float) -> str:
+    return f"{errors / windows:.3g}" if windows else "?"
+
+
+def _verdict(e_b: float, n_b: float, e_a: float, n_a: float, z_limit: float) -> str:
+    """worse / better / same: error responses per window after against before, as two
+    Poisson rates (variance = count / windows^2); "unknown" without windows on a side."""
+    if n_b <= 0 or n_a <= 0:
+        return "unknown"
+    r_b, r_a = e_b / n_b, e_a / n_a
+    var = e_b / (n_b * n_b) + e_a / (n_a * n_a)
+    if var <= 0.0:
+        return "same"
+    z = (r_a - r_b) / var ** 0.5
+    return "worse" if z >= z_limit else "better" if z <= -z_limit else "same"

@@ -87,6 +87,11 @@ class IsolatePolicy:
 
     enabled: bool = True
     half_open_share: float = field(default=0.1, metadata=_num(0, 1, lo_open=True))
+    # An open circuit fails every call to the dependency. It is worth that only when the
+    # calls mostly fail already: with a failure share f, isolating turns the (1 - f)
+    # calls that would have succeeded into failures to spare the f that fail anyway (a
+    # slow or partly failing dependency is better served as it is). 0.5 is that break-even.
+    min_failure_share: float = field(default=0.5, metadata=_num(0, 1))
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,34 @@ class RestorePolicy:
     step_s: float = field(default=15.0, metadata=_num(0, 3600, lo_open=True))
     step_factor: float = field(default=2.0, metadata=_num(1, 100, lo_open=True))
     max_steps: int = field(default=4, metadata=_num(0, 100))
+
+
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """Before and after every throttle, isolation or shed: did it help, or harm?
+
+    The measure is the error responses served by the action's scope: the service it
+    runs on, its target (an isolated dependency) and every service upstream of it
+    (their answers now carry its fail-fast or throttled answers)."""
+
+    # When a command is decided at event time `now` (the start of the newest window
+    # seen), that window closed at now + window (1 s) + grace (0.5 s); the command then
+    # reaches the sidecars within ~1 s. So it takes effect ~2.5 s after `now`, and the
+    # first window wholly after it starts 3 s after `now`: windows from then on are its
+    # effect, and for that long after a lift windows still straddle the lift.
+    settle_s: float = field(default=3.0, metadata=_num(0, 3600))
+    # windows compared before and after an action (5 s at 1 s windows: enough requests
+    # for a Poisson comparison at the fleet's rates, short enough to revert "at once")
+    compare_windows: int = field(default=5, metadata=_num(1, 1000))
+    # worse (or better) = the error responses per window rose (fell) by more than this
+    # many standard deviations of the difference of two Poisson rates: 3 sigma, a chance
+    # below 0.2 % that noise alone makes a harmless action look harmful
+    worse_z: float = field(default=3.0, metadata=_num(0, 100, lo_open=True))
+    # an action that neither made the incident recover nor brought its error responses
+    # down this long after it was issued is lifted (fail open) and the incident escalated
+    # to a human: 3 x restore.stable_s, since proving recovery alone takes stable_s after
+    # the fault ends (see docs/mitigation.md)
+    improve_within_s: float = field(default=180.0, metadata=_num(0, 86400, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -151,6 +184,7 @@ class Policy:
     isolate: IsolatePolicy = field(default_factory=IsolatePolicy)
     shed: ShedPolicy = field(default_factory=ShedPolicy)
     restore: RestorePolicy = field(default_factory=RestorePolicy)
+    verify: VerifyPolicy = field(default_factory=VerifyPolicy)
     safeguards: SafeguardPolicy = field(default_factory=SafeguardPolicy)
     services: dict[str, ServicePolicy] = field(default_factory=dict)
 
@@ -189,6 +223,7 @@ _SECTIONS: dict[str, type] = {
     "isolate": IsolatePolicy,
     "shed": ShedPolicy,
     "restore": RestorePolicy,
+    "verify": VerifyPolicy,
     "safeguards": SafeguardPolicy,
 }
 
