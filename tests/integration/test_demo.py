@@ -32,8 +32,10 @@ def test_demo_bad_deploy_through_sidecars(kafka_bootstrap: str, monkeypatch: pyt
     captured = capsys.readouterr()
     summary = orjson.loads(captured.out.strip().splitlines()[-1])  # progress is on stderr
     for key in ("time_to_detect_s", "time_to_mitigate_s", "time_to_recover_s",
-                "errors_avoided"):
+                "errors_avoided", "slow_with_stanch", "slow_without_stanch",
+                "actions_in_force_at_end"):
         assert key in summary
+    assert summary["actions_in_force_at_end"] == 0  # a rollback holds no lease
     assert [(c["kind"], c["service"], c["target"]) for c in summary["commands"]] == \
         [("rollback", "payments", "v41")]
     rollback_id = summary["commands"][0]["id"]
