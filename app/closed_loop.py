@@ -25,7 +25,9 @@ ticks (the fleet never goes fully silent) and the snapshots (a crash is not simu
 Measured per run (``run_scenario``): ingress error responses (status >= 500, shed 503s
 included, throttled 429s not) and slow responses with and without Stanch, the commands
 issued, the enforcements still in force at the end, and the times (simulated seconds
-from the labelled onset) to detect, to mitigate, to recover and to restore.
+from the labelled onset, taken when the incident entry or command was produced, as the
+demo takes them) to detect, to mitigate, to recover (the 10 s error rate back within the
+pre-onset baseline for good) and to restore (no leased action in force any more).
 """
 
 from __future__ import annotations
@@ -170,12 +172,19 @@ class ClosedLoop:
         self.pending: list[dict[str, Any]] = []
         self.commands: list[dict[str, Any]] = []
         self.entries: list[dict[str, Any]] = []
+        #: fleet time (end of the tick) at which each entry / command was produced: what
+        #: the demo measures (the wall time its record reached the broker, on the
+        #: simulated clock); ``at``/``issued_at`` are the decider's event time, which
+        #: trails it by the window and the grace
+        self.produced_at: dict[str, float] = {}
+        self.now = -float("inf")
         self.acks: list[dict[str, Any]] = []
         self.rejected: list[tuple[str, str]] = []
 
     def step(self, t: float, t1: float) -> FleetOutput:
         """One tick: deliver the commands decided so far, let the fleet run, feed what it
         produced through the pipeline and the decider."""
+        self.now = t1
         acks: list[dict[str, Any]] = []
         for command in self.pending:
             acks += self.sidecars.deliver(command, command["service"], t)
@@ -206,9 +215,11 @@ class ClosedLoop:
         self.rejected += out.rejected
         for entry in out.entries:
             self.entries.append(entry.to_dict())
+            self.produced_at.setdefault(entry.id, self.now)
         for issued_at, decision in out.decisions:
             command = self.sign(decision, issued_at)
             self.commands.append(command)
+            self.produced_at.setdefault(command["id"], self.now)
             self.pending.append(command)
         if out.entries or out.decisions:
             self.mitigated.clear()
@@ -251,10 +262,13 @@ def _rel(value: float | None, onset: float) -> float | None:
 def _figures(scenario: str, seed: int, onset: float, end: float, loop: ClosedLoop,
              with_s: IngressLog, without: IngressLog, in_force: list[dict[str, Any]],
              leased_at: list[tuple[float, int]]) -> dict[str, Any]:
-    opened = [e["at"] for e in loop.entries
-              if e.get("entry") == "opened" and e["at"] >= onset - 5.0]
-    first_cmd = min((float(c["issued_at"]) for c in loop.commands
-                     if float(c["issued_at"]) >= onset - 5.0), default=None)
+    # as the demo counts them: from when the record existed (fleet time), incidents
+    # opened and commands issued from 5 s before the onset on
+    at = loop.produced_at
+    opened = [at[e["id"]] for e in loop.entries
+              if e.get("entry") == "opened" and at[e["id"]] >= onset - 5.0]
+    first_cmd = min((at[c["id"]] for c in loop.commands if at[c["id"]] >= onset - 5.0),
+                    default=None)
     recovered = recovery_time(with_s.series(), onset, first_cmd)
     slow_ms = without.slow_thresholds(onset)  # the healthy tails, without Stanch
     # restored: from when on no leased enforcement was in force until the end (only
@@ -285,7 +299,7 @@ def _figures(scenario: str, seed: int, onset: float, end: float, loop: ClosedLoo
         "time_to_recover_s": _rel(recovered, onset),
         "time_to_restore_s": _rel(restored, onset),
         "commands": [{"id": c["id"], "kind": c["kind"], "service": c["service"],
-                      "target": c["target"], "issued_s": _rel(float(c["issued_at"]), onset),
+                      "target": c["target"], "issued_s": _rel(at[c["id"]], onset),
                       "params": c.get("params") or {}} for c in loop.commands],
         "acks": {s: sum(a["status"] == s for a in loop.acks)
                  for s in ("applied", "rejected", "failed", "expired")},
