@@ -148,6 +148,16 @@ def recovery_time(series: list[tuple[float, int, int]], onset: float,
     return ok_from
 
 
+def restore_time(leased_at: list[tuple[float, int]]) -> float | None:
+    """From when on no leased enforcement was in force until the end, given (time,
+    enforcements in force) per tick; None if one still is, or none ever was (a
+    rollback-only mitigation leaves nothing to lift)."""
+    if not any(n for _, n in leased_at) or leased_at[-1][1] != 0:
+        return None
+    last_busy = max(t for t, n in leased_at if n)
+    return next(t for t, n in leased_at if t > last_busy)
+
+
 def duration_for(scenario: str, onset_s: float = ONSET_S) -> float:
     """Simulated seconds of a run: onset, the incident, then ``TAIL_S``."""
     return onset_s + DEFAULT_DURATION_S.get(scenario, CLEAN_INCIDENT_S) + TAIL_S
@@ -271,13 +281,7 @@ def _figures(scenario: str, seed: int, onset: float, end: float, loop: ClosedLoo
                     default=None)
     recovered = recovery_time(with_s.series(), onset, first_cmd)
     slow_ms = without.slow_thresholds(onset)  # the healthy tails, without Stanch
-    # restored: from when on no leased enforcement was in force until the end (only
-    # meaningful once one had been: a rollback-only mitigation leaves nothing to lift)
-    ever = any(n for _, n in leased_at)
-    restored: float | None = None
-    if ever and leased_at[-1][1] == 0:
-        last_busy = max(t for t, n in leased_at if n)
-        restored = next(t for t, n in leased_at if t > last_busy)
+    restored = restore_time(leased_at)
     kinds: dict[str, int] = {}
     for c in loop.commands:
         kinds[c["kind"]] = kinds.get(c["kind"], 0) + 1

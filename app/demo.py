@@ -576,7 +576,7 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
     their trusted (public) keys directory; without, ``_Enforcer`` plays them in-process
     with the keys in ``keys_dir``.
     """
-    from app.closed_loop import IngressLog, recovery_time
+    from app.closed_loop import IngressLog, recovery_time, restore_time
     from app.simulate import Tick, run_simulation
 
     enforcer: _Enforcer | None = None
@@ -596,6 +596,7 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
     seen = _Seen()
     live = IngressLog()
     last_fleet: list[Fleet] = []
+    leased_at: list[tuple[float, int]] = []  # (t, enforcements in force in the fleet)
     if sidecars is None:
         enforcer = _Enforcer(settings, keys_dir)
         await enforcer.start()
@@ -615,6 +616,7 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
             await bridge.follow(tick.fleet, tick.t1)
         elif enforcer is not None:
             await enforcer.apply(tick.fleet, tick.t1, producer)
+        leased_at.append((tick.t1, sum(len(t) for t in tick.fleet.tables.values())))
         wall = time.monotonic()
         if wall - last_progress[0] >= 3.0:
             rate = (seen.windows - last_progress[1]) / max(1e-9, wall - last_progress[0]) \
@@ -645,6 +647,9 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
             await bridge.stop()
         await producer.stop()
 
+    def rel_sim(sim: float | None) -> float | None:
+        return None if sim is None else round(sim - onset, 2)
+
     def rel(wall: float | None) -> float | None:
         sim = clock.sim_at(wall) if wall is not None else None
         return None if sim is None else round(sim - onset, 2)
@@ -673,6 +678,8 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
         "errors_with_stanch": errors_live, "errors_without_stanch": errors_off,
         "errors_avoided": errors_off - errors_live,
         "slow_with_stanch": live.slow(slow_ms), "slow_without_stanch": baseline.slow(slow_ms),
+        "actions_issued": len(seen.commands),
+        "time_to_restore_s": rel_sim(restore_time(leased_at)),
         "actions_in_force_at_end": len(in_force), "in_force_at_end": in_force,
         "commands": [{"id": c["id"], "kind": c["kind"], "service": c["service"],
                       "target": c["target"]} for _, c in seen.commands],
@@ -768,6 +775,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['errors_without_stanch']} without (same seed): {s['errors_avoided']} avoided",
         f"  slow responses    {s.get('slow_with_stanch', '-')} with Stanch, "
         f"{s.get('slow_without_stanch', '-')} without",
+        f"  time to restore   {f(s.get('time_to_restore_s'))} (no leased action left)",
         f"  in force at end   {s.get('actions_in_force_at_end', '-')} action(s)",
         f"  commands          {cmds or 'none'}",
         f"  sidecars          {sidecar_line}",
