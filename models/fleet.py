@@ -19,8 +19,11 @@ The model, in one breath:
   factor ``1 / (1 - utilisation)``, plus the latency of the downstream calls it made;
 * errors: a background rate, injected rates, bad versions, overload, and downstream
   errors that propagate with a fixed probability;
-* commands (rollback, throttle, isolate, shed, restore) change that behaviour the way
-  an enforcement sidecar in front of the service would, and expire on time.
+* commands (rollback, throttle, isolate, shed, restore) change that behaviour through
+  the sidecar's own code: one ``models.enforcement.EnforcementTable`` per service admits
+  each tick's requests and calls (``admit_ingress``/``admit_egress``, the per-request
+  decision batched) and lifts a lease on time; ``FleetSidecars`` puts the sidecar's
+  ``CommandGate`` and acks in front of it. There is no second enforcement engine.
 
 Events are generated per (service, route, tick) with numpy arrays, then turned into
 dicts in bulk, which keeps generation well above 50,000 events per second.
