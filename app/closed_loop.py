@@ -25,13 +25,14 @@ ticks (the fleet never goes fully silent) and the snapshots (a crash is not simu
 Measured per run (``run_scenario``): ingress error responses (status >= 500, shed 503s
 included, throttled 429s not) and slow responses with and without Stanch, the commands
 issued, the enforcements still in force at the end, and the times (simulated seconds
-from the labelled onset) to detect, to mitigate, to recover and to restore.
+from the labelled onset, taken when the incident entry or command was produced, as the
+demo takes them) to detect, to mitigate, to recover (the 10 s error rate back within the
+pre-onset baseline for good) and to restore (no leased action in force any more).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,41 +66,61 @@ SLOW_FACTOR = 2.0
 KID = "bench-closed-loop"
 
 
-@dataclass
-class _Series:
-    """Per tick of one run: (t0, errors, requests) for recovery_time, plus totals."""
-
-    ticks: list[tuple[float, int, int]] = field(default_factory=list)
-    errors: int = 0
-    slow: int = 0
-    requests: int = 0
-
-
 def _ingress(out: FleetOutput) -> list[dict[str, Any]]:
     return [e for events in out.requests.values() for e in events if not e.get("dependency")]
 
 
-def _p99_thresholds(events: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
-    """(service, route) -> SLOW_FACTOR x the route's p99 latency over ``events``."""
-    by_route: dict[tuple[str, str], list[float]] = {}
-    for e in events:
-        if e["status"] < 400:
-            by_route.setdefault((e["service"], e["route"]), []).append(e["latency_ms"])
-    return {k: SLOW_FACTOR * float(np.percentile(v, 99)) for k, v in by_route.items()}
+class IngressLog:
+    """The ingress responses of one run, per tick, kept compact (route index, status,
+    latency as numpy arrays): enough to count errors and slow responses afterwards,
+    with thresholds known only once the run is over. Used here and by ``stanch demo``."""
 
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], int] = {}
+        self.ticks: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = []
 
-def _count(series: _Series, t0: float, out: FleetOutput,
-           slow_ms: dict[tuple[str, str], float]) -> None:
-    errors = slow = 0
-    ingress = _ingress(out)
-    for e in ingress:
-        errors += e["status"] >= 500
-        limit = slow_ms.get((e["service"], e["route"]))
-        slow += limit is not None and e["latency_ms"] > limit
-    series.ticks.append((t0, errors, len(ingress)))
-    series.errors += errors
-    series.slow += slow
-    series.requests += len(ingress)
+    def add(self, t0: float, out: FleetOutput) -> None:
+        ingress = _ingress(out)
+        n = len(ingress)
+        routes = self.routes
+        idx = np.fromiter((routes.setdefault((e["service"], e["route"]), len(routes))
+                           for e in ingress), dtype=np.int32, count=n)
+        status = np.fromiter((e["status"] for e in ingress), dtype=np.int16, count=n)
+        latency = np.fromiter((e["latency_ms"] for e in ingress), dtype=np.float64, count=n)
+        self.ticks.append((t0, idx, status, latency))
+
+    def series(self) -> list[tuple[float, int, int]]:
+        """Per tick: (t0, error responses, responses)."""
+        return [(t0, int((st >= 500).sum()), len(st)) for t0, _, st, _ in self.ticks]
+
+    @property
+    def errors(self) -> int:
+        return sum(int((st >= 500).sum()) for _, _, st, _ in self.ticks)
+
+    @property
+    def requests(self) -> int:
+        return sum(len(st) for _, _, st, _ in self.ticks)
+
+    def slow_thresholds(self, before: float) -> dict[tuple[str, str], float]:
+        """(service, route) -> SLOW_FACTOR x the p99 latency of its successful
+        responses in the ticks that started before ``before`` (the healthy tail)."""
+        names = {i: k for k, i in self.routes.items()}
+        lat: dict[int, list[np.ndarray]] = {}
+        for t0, idx, st, la in self.ticks:
+            if t0 >= before:
+                break
+            ok = st < 400
+            for r in np.unique(idx[ok]).tolist():
+                lat.setdefault(r, []).append(la[ok & (idx == r)])
+        return {names[r]: SLOW_FACTOR * float(np.percentile(np.concatenate(v), 99))
+                for r, v in lat.items()}
+
+    def slow(self, thresholds: dict[tuple[str, str], float]) -> int:
+        """Responses slower than their route's threshold (a route without one: none)."""
+        limit = np.full(len(self.routes), np.inf)
+        for key, i in self.routes.items():
+            limit[i] = thresholds.get(key, np.inf)
+        return sum(int((la > limit[idx]).sum()) for _, idx, _, la in self.ticks)
 
 
 def recovery_time(series: list[tuple[float, int, int]], onset: float,
@@ -127,6 +148,16 @@ def recovery_time(series: list[tuple[float, int, int]], onset: float,
     return ok_from
 
 
+def restore_time(leased_at: list[tuple[float, int]]) -> float | None:
+    """From when on no leased enforcement was in force until the end, given (time,
+    enforcements in force) per tick; None if one still is, or none ever was (a
+    rollback-only mitigation leaves nothing to lift)."""
+    if not any(n for _, n in leased_at) or leased_at[-1][1] != 0:
+        return None
+    last_busy = max(t for t, n in leased_at if n)
+    return next(t for t, n in leased_at if t > last_busy)
+
+
 def duration_for(scenario: str, onset_s: float = ONSET_S) -> float:
     """Simulated seconds of a run: onset, the incident, then ``TAIL_S``."""
     return onset_s + DEFAULT_DURATION_S.get(scenario, CLEAN_INCIDENT_S) + TAIL_S
@@ -151,12 +182,19 @@ class ClosedLoop:
         self.pending: list[dict[str, Any]] = []
         self.commands: list[dict[str, Any]] = []
         self.entries: list[dict[str, Any]] = []
+        #: fleet time (end of the tick) at which each entry / command was produced: what
+        #: the demo measures (the wall time its record reached the broker, on the
+        #: simulated clock); ``at``/``issued_at`` are the decider's event time, which
+        #: trails it by the window and the grace
+        self.produced_at: dict[str, float] = {}
+        self.now = -float("inf")
         self.acks: list[dict[str, Any]] = []
         self.rejected: list[tuple[str, str]] = []
 
     def step(self, t: float, t1: float) -> FleetOutput:
         """One tick: deliver the commands decided so far, let the fleet run, feed what it
         produced through the pipeline and the decider."""
+        self.now = t1
         acks: list[dict[str, Any]] = []
         for command in self.pending:
             acks += self.sidecars.deliver(command, command["service"], t)
@@ -187,9 +225,11 @@ class ClosedLoop:
         self.rejected += out.rejected
         for entry in out.entries:
             self.entries.append(entry.to_dict())
+            self.produced_at.setdefault(entry.id, self.now)
         for issued_at, decision in out.decisions:
             command = self.sign(decision, issued_at)
             self.commands.append(command)
+            self.produced_at.setdefault(command["id"], self.now)
             self.pending.append(command)
         if out.entries or out.decisions:
             self.mitigated.clear()
@@ -207,36 +247,18 @@ def run_scenario(scenario: str, seed: int, *, onset_s: float = ONSET_S,
     onset = start + onset_s
     loop = ClosedLoop(config, scenario, seed, onset_s=onset_s, policy=policy)
     plain = Fleet(config, build_scenario(scenario, config, onset_s=onset_s), seed)
-    with_s, without = _Series(), _Series()
-    slow_ms: dict[tuple[str, str], float] | None = None
-    held: list[tuple[float, FleetOutput, FleetOutput]] = []
+    with_s, without = IngressLog(), IngressLog()
     leased_at: list[tuple[float, int]] = []  # (t, enforcements in force after the tick)
     t = start
     while t < end - 1e-9:
         t1 = min(end, t + TICK_S)
-        out = loop.step(t, t1)
-        base = plain.events_between(t, t1)
+        with_s.add(t, loop.step(t, t1))
+        without.add(t, plain.events_between(t, t1))
         leased_at.append((t1, sum(len(tb) for tb in loop.fleet.tables.values())))
-        if slow_ms is None:
-            held.append((t, out, base))
-            if t1 >= onset:  # the healthy tails are known: count what was held
-                slow_ms = _p99_thresholds([e for _, _, b in held for e in _ingress(b)])
-                for t0, o, b in held:
-                    _count(with_s, t0, o, slow_ms)
-                    _count(without, t0, b, slow_ms)
-                held = []
-        else:
-            _count(with_s, t, out, slow_ms)
-            _count(without, t, base, slow_ms)
         if on_tick is not None:
             on_tick(loop, t1)
         t = t1
     loop.finish(end)
-    if slow_ms is None:  # a run that ends before the onset: thresholds from all of it
-        slow_ms = _p99_thresholds([e for _, _, b in held for e in _ingress(b)])
-        for t0, o, b in held:
-            _count(with_s, t0, o, slow_ms)
-            _count(without, t0, b, slow_ms)
     in_force = [{"service": name, **e.to_status(end)}
                 for name, table in loop.fleet.tables.items() for e in table.active()
                 if e.expires_at > end]
@@ -248,20 +270,18 @@ def _rel(value: float | None, onset: float) -> float | None:
 
 
 def _figures(scenario: str, seed: int, onset: float, end: float, loop: ClosedLoop,
-             with_s: _Series, without: _Series, in_force: list[dict[str, Any]],
+             with_s: IngressLog, without: IngressLog, in_force: list[dict[str, Any]],
              leased_at: list[tuple[float, int]]) -> dict[str, Any]:
-    opened = [e["at"] for e in loop.entries
-              if e.get("entry") == "opened" and e["at"] >= onset - 5.0]
-    first_cmd = min((float(c["issued_at"]) for c in loop.commands
-                     if float(c["issued_at"]) >= onset - 5.0), default=None)
-    recovered = recovery_time(with_s.ticks, onset, first_cmd)
-    # restored: from when on no leased enforcement was in force until the end (only
-    # meaningful once one had been: a rollback-only mitigation leaves nothing to lift)
-    ever = any(n for _, n in leased_at)
-    restored: float | None = None
-    if ever and leased_at[-1][1] == 0:
-        last_busy = max(t for t, n in leased_at if n)
-        restored = next(t for t, n in leased_at if t > last_busy)
+    # as the demo counts them: from when the record existed (fleet time), incidents
+    # opened and commands issued from 5 s before the onset on
+    at = loop.produced_at
+    opened = [at[e["id"]] for e in loop.entries
+              if e.get("entry") == "opened" and at[e["id"]] >= onset - 5.0]
+    first_cmd = min((at[c["id"]] for c in loop.commands if at[c["id"]] >= onset - 5.0),
+                    default=None)
+    recovered = recovery_time(with_s.series(), onset, first_cmd)
+    slow_ms = without.slow_thresholds(onset)  # the healthy tails, without Stanch
+    restored = restore_time(leased_at)
     kinds: dict[str, int] = {}
     for c in loop.commands:
         kinds[c["kind"]] = kinds.get(c["kind"], 0) + 1
@@ -272,8 +292,9 @@ def _figures(scenario: str, seed: int, onset: float, end: float, loop: ClosedLoo
         "scenario": scenario, "seed": seed,
         "errors_with_stanch": with_s.errors, "errors_without_stanch": without.errors,
         "errors_avoided": without.errors - with_s.errors,
-        "slow_with_stanch": with_s.slow, "slow_without_stanch": without.slow,
-        "slow_avoided": without.slow - with_s.slow,
+        "slow_with_stanch": with_s.slow(slow_ms),
+        "slow_without_stanch": without.slow(slow_ms),
+        "slow_avoided": without.slow(slow_ms) - with_s.slow(slow_ms),
         "requests_with_stanch": with_s.requests, "requests_without_stanch": without.requests,
         "actions_issued": len(loop.commands), "actions_by_kind": kinds,
         "actions_in_force_at_end": len(in_force), "in_force_at_end": in_force,
@@ -282,7 +303,7 @@ def _figures(scenario: str, seed: int, onset: float, end: float, loop: ClosedLoo
         "time_to_recover_s": _rel(recovered, onset),
         "time_to_restore_s": _rel(restored, onset),
         "commands": [{"id": c["id"], "kind": c["kind"], "service": c["service"],
-                      "target": c["target"], "issued_s": _rel(float(c["issued_at"]), onset),
+                      "target": c["target"], "issued_s": _rel(at[c["id"]], onset),
                       "params": c.get("params") or {}} for c in loop.commands],
         "acks": {s: sum(a["status"] == s for a in loop.acks)
                  for s in ("applied", "rejected", "failed", "expired")},

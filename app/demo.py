@@ -30,7 +30,9 @@ mapped to the simulated clock the fleet was at then.
 errors_avoided: the same fleet (same seed, same scenario, same start) is replayed
 offline with no command applied (pure models.fleet, no Kafka), and the error
 responses (status >= 500) served by any service are compared over the same simulated
-span. Requests refused by a throttle (429) are not counted as errors either way.
+span. Requests refused by a throttle (429) are not counted as errors either way. Slow
+responses and actions still in force at the end are counted as ``stanch bench
+scenarios`` counts them (``app.closed_loop``).
 
 ``run_closed_loop`` without sidecars plays them in-process (``_Enforcer``): the scenario
 tests and ``stanch bench mitigate`` use that to keep their run time down.
@@ -65,6 +67,7 @@ from app.sidecar.main import SimulatedClock
 from app.simulate import CommandFeed
 
 if TYPE_CHECKING:
+    from app.closed_loop import IngressLog
     from models.fleet import Fleet, FleetSidecars, ServiceSpec
 
 SCENARIOS = ("bad-deploy", "traffic-surge", "dependency-failure", "latency-spike",
@@ -544,58 +547,22 @@ class _Enforcer:
         await self.feed.stop()
 
 
-def _ingress_errors(output: Any) -> tuple[int, int]:
-    """(error responses, requests) served in one interval, ingress only."""
-    errors = total = 0
-    for events in output.requests.values():
-        for e in events:
-            if e.get("dependency"):
-                continue
-            total += 1
-            errors += e["status"] >= 500
-    return errors, total
-
-
-def offline_errors(scenario: str, seed: int, start_ts: float, duration_s: float,
-                   onset_s: float) -> list[tuple[float, int, int]]:
-    """Per-tick (t0, errors, requests) of the same fleet with no mitigation."""
+def offline_log(scenario: str, seed: int, start_ts: float, duration_s: float,
+                onset_s: float) -> IngressLog:
+    """The ingress responses of the same fleet with no mitigation (same seed, same start)."""
+    from app.closed_loop import IngressLog
     from models.fleet import Fleet, default_fleet_config
     from models.scenarios import build_scenario
 
     config = default_fleet_config(None, start_ts=start_ts)
     fleet = Fleet(config, build_scenario(scenario, config, onset_s=onset_s), seed)
-    out: list[tuple[float, int, int]] = []
+    log = IngressLog()
     t = start_ts
     while t < start_ts + duration_s - 1e-9:
         t1 = min(start_ts + duration_s, t + TICK_S)
-        errors, total = _ingress_errors(fleet.events_between(t, t1))
-        out.append((t, errors, total))
+        log.add(t, fleet.events_between(t, t1))
         t = t1
-    return out
-
-
-def recovery_time(series: list[tuple[float, int, int]], onset: float,
-                  after: float | None) -> float | None:
-    """First time >= ``after`` from which the 10 s error rate stays within the pre-onset
-    baseline (max(2 x baseline, baseline + 1 %)) until the end of the run."""
-    if after is None:
-        return None
-    before = [(e, n) for t, e, n in series if t < onset]
-    base = sum(e for e, _ in before) / max(1, sum(n for _, n in before))
-    limit = max(2 * base, base + 0.01)
-    span = int(round(10.0 / TICK_S))
-    ok_from: float | None = None
-    for i, (t, _, _) in enumerate(series):
-        if t < after:
-            continue
-        chunk = series[i:i + span]
-        errs, reqs = sum(c[1] for c in chunk), sum(c[2] for c in chunk)
-        good = reqs == 0 or errs / reqs <= limit
-        if good and ok_from is None:
-            ok_from = t
-        elif not good:
-            ok_from = None
-    return ok_from
+    return log
 
 
 # --------------------------------------------------------------------------- the demo
@@ -609,6 +576,7 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
     their trusted (public) keys directory; without, ``_Enforcer`` plays them in-process
     with the keys in ``keys_dir``.
     """
+    from app.closed_loop import IngressLog, recovery_time, restore_time
     from app.simulate import Tick, run_simulation
 
     enforcer: _Enforcer | None = None
@@ -626,7 +594,9 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
     onset = start_ts + onset_s
     clock = _Clock()
     seen = _Seen()
-    live: list[tuple[float, int, int]] = []
+    live = IngressLog()
+    last_fleet: list[Fleet] = []
+    leased_at: list[tuple[float, int]] = []  # (t, enforcements in force in the fleet)
     if sidecars is None:
         enforcer = _Enforcer(settings, keys_dir)
         await enforcer.start()
@@ -640,12 +610,13 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
 
     async def on_tick(tick: Tick) -> None:
         clock.add(time.time(), tick.t1)
-        errors, total = _ingress_errors(tick.output)
-        live.append((tick.t0, errors, total))
+        live.add(tick.t0, tick.output)
+        last_fleet[:] = [tick.fleet]
         if bridge is not None:
             await bridge.follow(tick.fleet, tick.t1)
         elif enforcer is not None:
             await enforcer.apply(tick.fleet, tick.t1, producer)
+        leased_at.append((tick.t1, sum(len(t) for t in tick.fleet.tables.values())))
         wall = time.monotonic()
         if wall - last_progress[0] >= 3.0:
             rate = (seen.windows - last_progress[1]) / max(1e-9, wall - last_progress[0]) \
@@ -676,6 +647,9 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
             await bridge.stop()
         await producer.stop()
 
+    def rel_sim(sim: float | None) -> float | None:
+        return None if sim is None else round(sim - onset, 2)
+
     def rel(wall: float | None) -> float | None:
         sim = clock.sim_at(wall) if wall is not None else None
         return None if sim is None else round(sim - onset, 2)
@@ -684,10 +658,14 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
     opened_after = [w for w in opened if (clock.sim_at(w) or 0) >= onset - 5]
     first_cmd = seen.commands[0][0] if seen.commands else None
     cmd_sim = clock.sim_at(first_cmd) if first_cmd is not None else None
-    recovered = recovery_time(live, onset, cmd_sim)
-    baseline = offline_errors(scenario, seed, start_ts, report.simulated_s, onset_s)
-    errors_live = sum(e for _, e, _ in live)
-    errors_off = sum(e for _, e, _ in baseline)
+    recovered = recovery_time(live.series(), onset, cmd_sim)
+    baseline = offline_log(scenario, seed, start_ts, report.simulated_s, onset_s)
+    errors_live, errors_off = live.errors, baseline.errors
+    slow_ms = baseline.slow_thresholds(onset)  # the healthy tails, without Stanch
+    end = start_ts + report.simulated_s
+    in_force = [{"service": name, "kind": e.kind, "key": e.key, "command_id": e.command_id}
+                for fleet in last_fleet for name, table in fleet.tables.items()
+                for e in table.active() if e.expires_at > end]
     states = {}
     for _, e in seen.entries:
         states[e["incident_id"]] = e["state"]
@@ -699,6 +677,10 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
         "time_to_recover_s": None if recovered is None else round(recovered - onset, 2),
         "errors_with_stanch": errors_live, "errors_without_stanch": errors_off,
         "errors_avoided": errors_off - errors_live,
+        "slow_with_stanch": live.slow(slow_ms), "slow_without_stanch": baseline.slow(slow_ms),
+        "actions_issued": len(seen.commands),
+        "time_to_restore_s": rel_sim(restore_time(leased_at)),
+        "actions_in_force_at_end": len(in_force), "in_force_at_end": in_force,
         "commands": [{"id": c["id"], "kind": c["kind"], "service": c["service"],
                       "target": c["target"]} for _, c in seen.commands],
         "acks": {s: sum(a.get("status") == s for a in seen.acks)
@@ -791,6 +773,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  time to recover   {f(s['time_to_recover_s'])}",
         f"  error responses   {s['errors_with_stanch']} with Stanch, "
         f"{s['errors_without_stanch']} without (same seed): {s['errors_avoided']} avoided",
+        f"  slow responses    {s.get('slow_with_stanch', '-')} with Stanch, "
+        f"{s.get('slow_without_stanch', '-')} without",
+        f"  time to restore   {f(s.get('time_to_restore_s'))} (no leased action left)",
+        f"  in force at end   {s.get('actions_in_force_at_end', '-')} action(s)",
         f"  commands          {cmds or 'none'}",
         f"  sidecars          {sidecar_line}",
         "  incidents         " + (", ".join(f"{k} ({v})" for k, v in s["incidents"].items())

@@ -19,8 +19,11 @@ The model, in one breath:
   factor ``1 / (1 - utilisation)``, plus the latency of the downstream calls it made;
 * errors: a background rate, injected rates, bad versions, overload, and downstream
   errors that propagate with a fixed probability;
-* commands (rollback, throttle, isolate, shed, restore) change that behaviour the way
-  an enforcement sidecar in front of the service would, and expire on time.
+* commands (rollback, throttle, isolate, shed, restore) change that behaviour through
+  the sidecar's own code: one ``models.enforcement.EnforcementTable`` per service admits
+  each tick's requests and calls (``admit_ingress``/``admit_egress``, the per-request
+  decision batched) and lifts a lease on time; ``FleetSidecars`` puts the sidecar's
+  ``CommandGate`` and acks in front of it. There is no second enforcement engine.
 
 Events are generated per (service, route, tick) with numpy arrays, then turned into
 dicts in bulk, which keeps generation well above 50,000 events per second.
@@ -384,6 +387,10 @@ class _Batch:
         default_factory=list)
 
 
+#: One route's arrivals in a tick: (route, arrival times, (caller, caller route) -> slice).
+_Arrived = tuple[RouteSpec, np.ndarray, dict[tuple[str, str], tuple[int, int]]]
+
+
 # --------------------------------------------------------------------------- fleet
 
 
@@ -624,8 +631,7 @@ class Fleet:
             total_weight = sum(r.weight for r in spec.routes) or 1.0
             surge = self.scenario.traffic_multiplier(name, offset)
             offered: dict[str, float] = {}
-            arrived: list[tuple[RouteSpec, np.ndarray, dict[tuple[str, str], tuple[int, int]]]]
-            arrived = []
+            arrived: list[_Arrived] = []
             for route in spec.routes:
                 key = (name, route.path)
                 external = (cfg.base_rate_per_s * spec.external_share * route.weight
@@ -648,16 +654,16 @@ class Fleet:
             for (route, ts_all, sources), pre in zip(arrived, pres, strict=True):
                 n = len(ts_all)
                 accepted = pre == 0
-                # the share the sidecar let in, applied to the expected rate (utilisation
-                # and the callees' expected arrivals stay free of one tick's noise)
+                # the share the sidecar let in this tick, applied to the expected rate
+                # (utilisation and the callees' expected arrivals keep no arrival noise)
                 accepted_rate = offered[route.path] * (float(accepted.mean()) if n else 1.0)
                 accepted_total += accepted_rate
                 batch = _Batch(name, route, ts_all, pre, sources)
                 for call in route.calls:
                     idx = np.flatnonzero(accepted & (rng.random(n) < call.probability))
-                    out = np.asarray(table.admit_egress(call.service, ts_all[idx].tolist()),
-                                     dtype=bool) if len(idx) else np.ones(0, dtype=bool)
-                    cut, idx = idx[~out], idx[out]
+                    passes = np.asarray(table.admit_egress(call.service, ts_all[idx].tolist()),
+                                        dtype=bool) if len(idx) else np.ones(0, dtype=bool)
+                    cut, idx = idx[~passes], idx[passes]
                     if len(cut):
                         batch.calls.append((call, cut, True))
                     batch.calls.append((call, idx, False))
@@ -665,7 +671,7 @@ class Fleet:
                     delay = cfg.network_ms / 1000.0 * (0.5 + rng.random(len(idx)))
                     incoming.setdefault(ckey, []).append(
                         (name, route.path, ts_all[idx] + delay))
-                    passed = float(out.mean()) if len(out) else 1.0
+                    passed = float(passes.mean()) if len(passes) else 1.0
                     expected_in[ckey] = (expected_in.get(ckey, 0.0)
                                          + accepted_rate * call.probability * passed)
                 batches[(name, route.path)] = batch
@@ -673,8 +679,7 @@ class Fleet:
         return batches, utilisation
 
     @staticmethod
-    def _admit(table: EnforcementTable,
-               arrived: list[tuple[RouteSpec, np.ndarray, Any]]) -> list[np.ndarray]:
+    def _admit(table: EnforcementTable, arrived: list[_Arrived]) -> list[np.ndarray]:
         """The sidecar's ingress decision for every arrival of one service this tick, in
         time order across its routes (a service-wide throttle shares one bucket): the
         status it answered, 0 where the request went in."""

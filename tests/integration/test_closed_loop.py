@@ -59,3 +59,25 @@ def test_bench_scenarios_cli_prints_the_figures() -> None:
                                        "actions_in_force_at_end", "scenarios_mitigated"}
     bad = CliRunner().invoke(cli, ["bench", "scenarios", "--scenario", "nope"])
     assert bad.exit_code == 2 and "unknown" in bad.output
+
+
+def test_ingress_log_counts_errors_and_slow_responses_against_the_healthy_tail() -> None:
+    from app.closed_loop import SLOW_FACTOR, IngressLog
+    from models.fleet import FleetOutput
+
+    def out(latencies: list[float], status: int = 200) -> FleetOutput:
+        return FleetOutput(requests={"a": [
+            {"service": "a", "route": "/x", "status": status, "latency_ms": lat}
+            for lat in latencies] + [
+            {"service": "a", "route": "/x", "status": 200, "latency_ms": 1.0,
+             "dependency": "b"}]})  # egress: never counted
+
+    log = IngressLog()
+    log.add(0.0, out([10.0] * 100))                 # healthy: p99 10 ms
+    log.add(1.0, out([10.0 * SLOW_FACTOR + 1] * 3))  # after the onset: 3 slow
+    log.add(2.0, out([5.0] * 2, status=503))         # 2 errors, fast
+    thresholds = log.slow_thresholds(before=1.0)
+    assert thresholds == {("a", "/x"): 10.0 * SLOW_FACTOR}
+    assert log.slow(thresholds) == 3
+    assert (log.errors, log.requests) == (2, 105)
+    assert log.series() == [(0.0, 0, 100), (1.0, 0, 3), (2.0, 2, 2)]
