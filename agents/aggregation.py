@@ -267,6 +267,8 @@ class AggregationAgent:
                 elements = []
             parse = self.parsers[topic]
             records = []
+            homes = self._homes
+            local = partition if source is None else -1  # a forward is never sent on
             for i, obj in enumerate(elements):  # type: ignore[arg-type]
                 try:
                     record = parse(obj)
@@ -274,10 +276,14 @@ class AggregationAgent:
                     where = exc.at(f"[{i}]") if len(elements) > 1 else exc  # type: ignore[arg-type]
                     await dead("schema", where, obj)
                     continue
-                if source is None and self._home(record.service) != partition:
-                    self._forward_later(obj, record.service)
-                else:
-                    records.append(record)
+                if local >= 0:
+                    home = homes.get(record.service)
+                    if home is None:
+                        home = self._home(record.service)
+                    if home != local:
+                        self._forward_later(obj, record.service)
+                        continue
+                records.append(record)
             if self._to_forward:
                 futures.extend(self._send_forwards(topic, partition, offset))
             now = time.time()

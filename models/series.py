@@ -114,6 +114,46 @@ class Finding:
         return f"{self.series}|{self.signal}|{self.window_start:.3f}"
 
 
+_SEVERITIES = ("minor", "major", "critical")
+#: Latency excess (ms) at which a slowdown becomes major / critical: the classic limits
+#: of response time (Miller 1968, Nielsen): under 0.1 s a user does not notice the
+#: difference, past 1 s the user's flow of thought is broken.
+LATENCY_MAJOR_MS = 100.0
+LATENCY_CRITICAL_MS = 1000.0
+#: Share of a route's requests failing beyond its normal rate at which an error anomaly
+#: is major (one request in ten) / critical (most requests: the route is effectively down).
+ERRORS_MAJOR_EXCESS = 0.10
+ERRORS_CRITICAL_EXCESS = 0.50
+
+
+def impact_severity(signal: str, a: Assessment, window: Mapping[str, Any]) -> str:
+    """How much a finding hurts the route's users, whatever its statistical strength.
+
+    The surprise says how sure we are that something changed; a tiny, certain change (a
+    healthy route's p99 from 10 to 18 ms) is still minor. Latency: the excess of the
+    window's tested quantile over its baseline in ms; for the slow-fraction test the
+    window's p99 over the slow threshold (the baseline p99). Errors: the pooled error
+    rate over the baseline rate. Traffic and gauges have no impact scale of their own:
+    their severity is the statistical one. The finding's severity is the lower of the two.
+    """
+    if signal == "latency":
+        if a.statistic == "binomial_slow_fraction":
+            p99 = as_float(window, "p99")
+            slow_ms = a.extra.get("slow_ms")
+            excess = (p99 - float(slow_ms)) if p99 is not None and slow_ms is not None else 0.0
+        else:
+            excess = a.observed - a.expected
+        if excess >= LATENCY_CRITICAL_MS:
+            return "critical"
+        return "major" if excess >= LATENCY_MAJOR_MS else "minor"
+    if signal == "errors":
+        excess = a.observed - a.expected
+        if excess >= ERRORS_CRITICAL_EXCESS:
+            return "critical"
+        return "major" if excess >= ERRORS_MAJOR_EXCESS else "minor"
+    return "critical"
+
+
 class _Track:
     """Decision bookkeeping of one signal: debounce bits, anomalous run, refractory."""
 
@@ -212,8 +252,10 @@ class SeriesDetector:
             mix = window.get(key)
             if isinstance(mix, Mapping):
                 evidence[key] = {str(v): c for v, c in mix.items()}
+        severity = _SEVERITIES[min(_SEVERITIES.index(severity_of(a.score, threshold)),
+                                   _SEVERITIES.index(impact_severity(sig, a, window)))]
         return Finding(self.series, sig, start, a.observed, a.expected, a.score,
-                       severity_of(a.score, threshold), evidence)
+                       severity, evidence)
 
     def _add_metrics(self, window: Mapping[str, Any]) -> None:
         metrics = window.get("metrics")

@@ -257,14 +257,14 @@ class Proxy:
         dependency: str | None,
     ) -> None:
         event = dict(self._base_event)
-        elapsed = time.perf_counter() - started
-        # ts is when the request finished (the schema's meaning): stamped at its start, a
-        # slow request fell behind the watermark its fast neighbours had pushed on
-        event["ts"] = round(now + elapsed, 6)
+        # ts is when the request finished (the schema's meaning; on the sidecar's clock,
+        # which may be simulated): stamped at its start (``now``), a slow request fell
+        # behind the watermark its fast neighbours had pushed on and was dropped as late
+        event["ts"] = self._clock()
         event["route"] = route
         event["method"] = method
         event["status"] = status
-        event["latency_ms"] = round(elapsed * 1000.0, 3)
+        event["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
         if dependency is not None:
             event["dependency"] = dependency
         if failed is not None:

@@ -20,6 +20,17 @@ suspicious (surprise >= ``guard_surprise`` = 3, without the ``min_errors`` guard
 at ``guard_weight`` only: a real rise still becomes the baseline, ten times slower, and
 a clean series is almost never suspicious (p <= 0.1 %; at 2 the guard also muted
 the upper tail of a noisy 5 % baseline and biased it ~13 % low).
+
+Low volume (issue 10): a route at 1 request/s that fails 100 % has one error per window;
+no window and no 3-window pool reaches ``min_errors`` or the threshold (3 of 3 at a 1 %
+baseline is p = 1e-6 before the correction). So the detector also keeps a *run pool*: the
+summed counts of the consecutive windows (up to ``max_run_windows``) over which the pooled
+error rate has stayed at least ``min_ratio`` times the baseline; the run restarts when
+the pooled rate falls below that (or the run is full). Its exact binomial tail is
+corrected for the data-chosen start (Bonferroni over the ``max_run_windows`` starts it
+could have had). At 100 % errors on a 1 % baseline, 5 windows give -log10 p = 10 - 1.8:
+found in 5 windows that contain a request. State: 10 floats (7 before the run pool: a
+stored 7-float state restores with an empty run).
 """
 
 from __future__ import annotations
@@ -30,7 +41,12 @@ from typing import Any
 
 from models.detectors.base import NOTHING, Assessment, Detector, as_float, binomial_surprise
 
-_STATE_LEN = 7
+_STATE_LEN = 10
+_OLD_STATE_LEN = 7
+
+
+def _compact(v: float) -> float:
+    return int(v) if v.is_integer() and abs(v) < 2**31 else v
 
 
 class ErrorRateDetector(Detector):
@@ -49,10 +65,14 @@ class ErrorRateDetector(Detector):
     guard_surprise, guard_weight
         A window whose pooled test (any pool, ``min_errors`` ignored) reaches this
         surprise is learned with weight ``w * guard_weight`` (see the module doc).
+    max_run_windows
+        Longest run pool (windows). 60 one-second windows: a minute, the horizon within
+        which Stanch is meant to act, so a run pool never mixes an incident with what
+        happened minutes before it; its Bonferroni cost is log10(60) = 1.8.
     """
 
     _params = ("alpha", "rate_floor", "min_ratio", "min_errors", "guard_surprise",
-               "guard_weight")
+               "guard_weight", "max_run_windows")
 
     def __init__(
         self,
@@ -62,6 +82,7 @@ class ErrorRateDetector(Detector):
         min_errors: int = 5,
         guard_surprise: float = 3.0,
         guard_weight: float = 0.1,
+        max_run_windows: int = 60,
     ) -> None:
         self.alpha = alpha
         self.rate_floor = rate_floor
@@ -69,6 +90,8 @@ class ErrorRateDetector(Detector):
         self.min_errors = min_errors
         self.guard_surprise = guard_surprise
         self.guard_weight = guard_weight
+        self.max_run_windows = max_run_windows
+        self._run = [0.0, 0.0, 0.0]  # errors, count, windows of the current run pool
         self._n = 0
         self._ew_errors = 0.0
         self._ew_count = 0.0
@@ -90,19 +113,41 @@ class ErrorRateDetector(Detector):
             return None
         return min(errors, count), count
 
+    def _run_with(self, errors: float, count: float, base: float) -> tuple[float, float, float]:
+        """The run pool once this window joins it (``(0, 0, 0)``: no run)."""
+        e, c, n = self._run
+        if n >= 1 and n < self.max_run_windows:
+            e, c, n = e + errors, c + count, n + 1
+            if e / c >= self.min_ratio * base:
+                return e, c, n
+        if errors / count >= self.min_ratio * base:
+            return errors, count, 1.0
+        return 0.0, 0.0, 0.0
+
+    def _pools(self, errors: float, count: float,
+               base: float) -> list[tuple[float, float, float, float]]:
+        """(errors, count, windows, Bonferroni correction) of every pool tested: the last
+        1, 2 and 3 windows, and the run pool when it is longer than that."""
+        e1, c1, e2, c2 = self._recent
+        fixed = math.log10(3)
+        pools = [(errors, count, 1.0, fixed), (errors + e1, count + c1, 2.0, fixed),
+                 (errors + e1 + e2, count + c1 + c2, 3.0, fixed)]
+        re_, rc, rn = self._run_with(errors, count, base)
+        if rn > 3:
+            pools.append((re_, rc, rn, math.log10(self.max_run_windows)))
+        return pools
+
     def assess(self, x: Mapping[str, Any]) -> Assessment:
         win = self._window(x)
         if win is None or self._n == 0:
             return NOTHING
         errors, count = win
         base = self.baseline_rate()
-        e1, c1, e2, c2 = self._recent
         best = NOTHING
-        pools = ((errors, count), (errors + e1, count + c1), (errors + e1 + e2, count + c1 + c2))
-        for span, (e, c) in enumerate(pools, start=1):
+        for e, c, span, correction in self._pools(errors, count, base):
             if e < self.min_errors or e / c < self.min_ratio * base:
                 continue
-            s = max(0.0, binomial_surprise(e, c, base) - math.log10(len(pools)))
+            s = max(0.0, binomial_surprise(e, c, base) - correction)
             if s > best.score:
                 best = Assessment(s, e / c, base, "binomial_error_count",
                                   extra={"errors": e, "count": c,
@@ -112,10 +157,8 @@ class ErrorRateDetector(Detector):
     def _suspicion(self, errors: float, count: float) -> float:
         """Best pooled surprise of the window without the ``min_errors`` guard."""
         base = self.baseline_rate()
-        e1, c1, e2, c2 = self._recent
         best = 0.0
-        for e, c in ((errors, count), (errors + e1, count + c1),
-                     (errors + e1 + e2, count + c1 + c2)):
+        for e, c, _, _ in self._pools(errors, count, base):
             if e > 0 and e / c >= self.min_ratio * base:
                 best = max(best, binomial_surprise(e, c, base))
         return best
@@ -127,6 +170,7 @@ class ErrorRateDetector(Detector):
         errors, count = win
         if w > 0.0 and self._n > 0 and self._suspicion(errors, count) >= self.guard_surprise:
             w *= self.guard_weight
+        self._run = list(self._run_with(errors, count, self.baseline_rate()))
         self._recent = [errors, count, self._recent[0], self._recent[1]]
         if w <= 0.0:
             return
@@ -139,11 +183,16 @@ class ErrorRateDetector(Detector):
         self._n += 1
 
     def to_state(self) -> tuple[float, ...]:
-        return (float(self._n), self._ew_errors, self._ew_count, *self._recent)
+        # counts are whole numbers: kept as ints they pickle in 2-5 bytes instead of 9,
+        # which keeps the whole series state within its 2 KiB budget (models.series)
+        return (self._n, self._ew_errors, self._ew_count,
+                *(_compact(v) for v in (*self._recent, *self._run)))
 
     def from_state(self, state: Sequence[float]) -> None:
-        if len(state) != _STATE_LEN:
+        if len(state) not in (_STATE_LEN, _OLD_STATE_LEN):
             raise ValueError(f"errors state: expected {_STATE_LEN} numbers, got {len(state)}")
-        n, self._ew_errors, self._ew_count, *recent = (float(v) for v in state)
+        values = [float(v) for v in state]
+        n, self._ew_errors, self._ew_count = values[:3]
         self._n = int(n)
-        self._recent = list(recent)
+        self._recent = values[3:7]
+        self._run = values[7:10] if len(values) == _STATE_LEN else [0.0, 0.0, 0.0]

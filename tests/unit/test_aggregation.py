@@ -262,3 +262,75 @@ def test_agent_ignores_duplicates_and_rereads_lost_messages() -> None:
     assert lost == ref
     assert lost_acks == sorted(lost_acks)  # in offset order, no hole
     assert lost_acks == list(range(lost_acks[-1] + 1))
+
+
+def test_agent_forwards_events_to_their_series_partition_and_drops_second_copies() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from agents.aggregation import FORWARD_HEADER, windows_partition
+
+    agent, emitted, _, _ = _fake_agent()
+    agent.settings.partitions = 2
+    away = next(s for s in ("a", "b", "c", "d") if windows_partition(s, 2) == 1)
+    sent: list[dict] = []
+
+    async def send(**kw: object) -> object:
+        sent.append(kw)
+        return asyncio.sleep(0)
+
+    agent.forward_topics = {"requests": SimpleNamespace(send=send)}
+    acks: list[int] = []
+
+    async def ack(event: object) -> None:
+        acks.append(event.message.offset)  # type: ignore[attr-defined]
+
+    stream = SimpleNamespace(ack=ack)
+    t = 1.7e9
+
+    def event(partition: int, offset: int, service: str, headers: list) -> object:
+        value = orjson.dumps([{"ts": t + 0.1 * offset, "service": service, "route": "/r",
+                               "status": 200, "latency_ms": 1.0}])
+        msg = SimpleNamespace(topic="requests", partition=partition, offset=offset,
+                              value=value, key=None, headers=headers)
+        return SimpleNamespace(message=msg, value=value)
+
+    async def run() -> None:
+        # on partition 0, an event of a service whose home is partition 1: forwarded
+        await agent.handle(stream, event(0, 0, away, []))
+        # on partition 1: the forward, then a second copy of it (the source replayed)
+        header = [(FORWARD_HEADER, b"requests:0:0")]
+        await agent.handle(stream, event(1, 0, away, header))
+        await agent.handle(stream, event(1, 1, away, header))
+        for st in agent.states.values():
+            if st.finisher is not None:
+                await st.finisher
+
+    asyncio.run(run())
+    assert len(sent) == 1 and sent[0]["partition"] == 1 and sent[0]["key"] == away.encode()
+    assert sent[0]["headers"] == [(FORWARD_HEADER, b"requests:0:0")]
+    assert agent.stats["events"] == 1  # aggregated once, on partition 1
+    assert agent.stats["duplicate forwards"] == 1
+    assert agent.agg.open_windows("requests:0") == 0
+    assert agent.agg.open_windows("requests:1") == 1
+
+
+def test_event_time_never_runs_ahead_of_the_robust_clock() -> None:
+    """A producer 240 s ahead (inside the skew) on the partition closes nobody's window:
+    the watermark is min(max ts, now) - grace; its own window waits for the clock."""
+    agg = WindowAggregator(1.0, 0.5, 300.0)
+    now = T0 + 10.2
+    agg.add_batch(0, [req(T0 + 10.0, service="honest"), req(now + 240.0, service="ahead")],
+                  now)
+    assert agg.close_ready(0, now) == []  # window T0+10 ends after now - grace
+    assert agg.add_batch(0, [req(T0 + 10.1, service="honest")], now).rejects == []
+    later = T0 + 11.6
+    out = agg.close_ready(0, later)
+    assert [(w["service"], w["count"]) for w in out] == [("honest", 2)]
+    assert agg.open_windows(0) == 1  # the ahead producer's window waits for the clock
+    out = agg.close_idle(0, now + 241.6)  # (nothing later on the partition)
+    assert [(w["service"], w["count"]) for w in out] == [("ahead", 1)]
+    # without a clock (a finite replay) event time alone decides, as before
+    replay = WindowAggregator(1.0, 0.5, 300.0)
+    replay.add_batch(0, [req(T0 + 10.0), req(T0 + 250.0)], T0 + 300)
+    assert [w["window_start"] for w in replay.close_ready(0)] == [T0 + 10.0]

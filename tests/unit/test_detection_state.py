@@ -74,3 +74,15 @@ def test_a_value_written_before_packing_still_reads() -> None:
 def test_a_malformed_value_raises_value_or_type_error(value: bytes) -> None:
     with pytest.raises((ValueError, TypeError)):
         decode_state(value)
+
+
+def test_ttl_clock_is_capped_by_the_wall_clock() -> None:
+    """A window stamped in the future cannot move the TTL clock past the wall clock (it
+    expired every live baseline); a replay of the past keeps its own event time."""
+    from agents.detection import DetectionAgent
+
+    agent = DetectionAgent.__new__(DetectionAgent)
+    agent.newest_window_start = 1_700_000_000.0 + 30 * 86_400
+    assert agent.ttl_clock(now=1_700_000_000.0) == 1_700_000_000.0
+    agent.newest_window_start = 1_600_000_000.0
+    assert agent.ttl_clock(now=1_700_000_000.0) == 1_600_000_000.0

@@ -114,3 +114,58 @@ def test_guard_keeps_learning_a_clean_baseline() -> None:
     mean_plain = float(np.mean([p for _, p in samples]))
     assert abs(mean_plain - 0.05) < 0.003
     assert abs(mean_guarded - mean_plain) < 0.002, (mean_guarded, mean_plain)
+
+
+def _low_volume(rng: np.random.Generator, n: int, err: float, t0: float) -> list[dict]:
+    """Windows of a route at 1 request/s: one request per one-second window."""
+    out = []
+    t = t0
+    while len(out) < n:
+        t += 1.0
+        w = window(rng, t, rate=1.0)
+        if w["count"] == 1:
+            out.append({**w, "errors": int(rng.binomial(w["count"], err))})
+    return out
+
+
+def test_one_request_per_second_failing_entirely_is_found_by_the_run_pool() -> None:
+    rng = np.random.default_rng(4)
+    det = SeriesDetector("svc|/r|")
+    history = _low_volume(rng, 300, 0.005, T0)
+    for w in history:
+        assert det.update(w) == []
+    # 30 s of 100 % errors
+    burst = _low_volume(rng, 30, 1.0, history[-1]["window_start"])
+    found = []
+    for i, w in enumerate(burst):
+        found += [(i, f) for f in det.update(w) if f.signal == "errors"]
+    assert found, "the low-volume outage must be found"
+    first, f = found[0]
+    assert first <= 8  # min_errors = 5 windows, plus the debounce's slack
+    assert f.evidence["pooled_windows"] > 3  # the run pool, not a 1-3 window pool
+    # without the run pool (the 1-3 window pools alone) nothing would have been found
+    fixed_only = ErrorRateDetector(max_run_windows=3)
+    for w in history:
+        fixed_only.learn_one(w)
+    scores = []
+    for w in burst:
+        scores.append(fixed_only.score_one(w))
+        fixed_only.learn_one(w)
+    assert max(scores) < THRESHOLD
+
+
+def test_a_quiet_low_volume_route_raises_nothing() -> None:
+    rng = np.random.default_rng(8)
+    det = SeriesDetector("svc|/r|")
+    found = []
+    for w in _low_volume(rng, 20_000, 0.01, T0):
+        found += [f for f in det.update(w) if f.signal == "errors"]
+    assert found == []
+
+
+def test_a_seven_number_state_restores_with_an_empty_run() -> None:
+    det = learned()
+    old = det.to_state()[:7]
+    restored = ErrorRateDetector()
+    restored.from_state(old)
+    assert restored.to_state()[:7] == old and restored.to_state()[7:] == (0, 0, 0)

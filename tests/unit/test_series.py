@@ -113,3 +113,38 @@ def test_anomaly_score_is_half_at_threshold() -> None:
     assert anomaly_score(7.0, 7.0) == 0.5
     assert anomaly_score(0.0, 7.0) == 0.0
     assert 0.5 < anomaly_score(20.0, 7.0) < 1.0
+
+
+def _latency_windows(rng: np.random.Generator, n: int, p99_ms: float, t0: float) -> list[dict]:
+    """Windows of a healthy, busy route whose p99 is ``p99_ms`` (log-normal latency)."""
+    from models import sketch as sk
+
+    out = []
+    for i in range(n):
+        lat = (p99_ms / math.exp(0.3 * 2.326)) * np.exp(0.3 * rng.standard_normal(200))
+        s = sk.build(lat)
+        p50, p90, p99 = sk.quantiles(s, (0.5, 0.9, 0.99))
+        out.append({"service": "svc", "route": "/r", "window_start": t0 + i, "window_s": 1.0,
+                    "count": 200, "errors": 0, "sketch": s, "p50": p50, "p90": p90,
+                    "p99": p99})
+    return out
+
+
+def test_a_small_certain_latency_move_is_not_critical() -> None:
+    """10 -> 18 ms p99 on a healthy route: found (it is certain), but minor - users do not
+    notice 8 ms; a move of seconds on the same route is critical."""
+    rng = np.random.default_rng(3)
+    det = SeriesDetector("svc|/r|")
+    for w in _latency_windows(rng, 300, 10.0, T0):
+        det.update(w)
+    found = [f for w in _latency_windows(rng, 10, 18.0, T0 + 300) for f in det.update(w)
+             if f.signal == "latency"]
+    assert found and all(f.severity == "minor" for f in found)
+    assert found[0].score >= 2 * DetectorConfig().threshold  # statistically "critical"
+
+    det = SeriesDetector("svc|/r|")
+    for w in _latency_windows(rng, 300, 10.0, T0):
+        det.update(w)
+    slow = [f for w in _latency_windows(rng, 10, 3000.0, T0 + 300) for f in det.update(w)
+            if f.signal == "latency"]
+    assert slow and slow[0].severity == "critical"
