@@ -521,9 +521,12 @@ class Decider:
         """Publish the status fact when it changed, and at least every STATUS_EVERY_S."""
         fact = self.status_fact()
         now = time.monotonic()
-        if fact == self._status_sent and now - self._status_at < STATUS_EVERY_S:
+        # the clock moves with every window: it alone is refreshed once a second, not
+        # written on every loop turn
+        content = {k: v for k, v in fact.items() if k != "clock"}
+        if content == self._status_sent and now - self._status_at < STATUS_EVERY_S:
             return
-        self._status_sent, self._status_at = fact, now
+        self._status_sent, self._status_at = content, now
         value = {**fact, "at": time.time()}
         if self.on_status is not None:
             self.on_status(value)

@@ -120,12 +120,15 @@ def test_unsigned_forged_and_replayed_control_do_nothing(
         status = asyncio.run(read_status(settings))
         assert status is not None and status["mode"]["paused"] is False, \
             "the replayed pause changed nothing"
-        # the operator's own, signed approve acts
-        control(settings, "approve", sent, target=reserved)
+        # the operator's own, signed approve acts (of the incident: the pause dropped the
+        # pending command, the resume proposed it again under a new id)
+        incident = waiting["incident_id"]
+        control(settings, "approve", sent, target=incident)
         wait_processed(settings, sent)
-        assert [c["id"] for c in topic(settings, "commands")] == [reserved]
+        assert [(c["kind"], c["service"], c["incident_id"])
+                for c in topic(settings, "commands")] == [("throttle", "search", incident)]
         log = "".join(runner.lines)
-        assert "mallory approved" not in log and f"test approved {reserved}" in log
+        assert "mallory approved" not in log and f"test approved {incident}" in log
     finally:
         runner.stop()
 
