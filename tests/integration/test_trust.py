@@ -252,6 +252,12 @@ def test_two_workers_agree_on_what_is_mitigated(topics: Settings, tmp_path: Path
     in both workers' views (read from Kafka), and both are healthy with every agent and
     task covered."""
     settings = policy_settings(topics, tmp_path, NO_IDLE_GAPS)
+    before = subprocess.run([sys.executable, "-m", "app.cli", "status"],
+                            env=settings_env(settings), capture_output=True, text=True,
+                            timeout=60)
+    assert before.returncode == 1 and before.stderr.startswith(
+        "stanch status: no decider status on"), before.stderr  # one line, no traceback
+    assert len(before.stderr.strip().splitlines()) == 1
     ports = [free_port(), free_port()]
     first = start_decider(settings, tmp_path / "a.log", STANCH_WEB_PORT=str(ports[0]))
     second: ProcessRunner | None = None
