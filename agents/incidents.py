@@ -495,11 +495,11 @@ class Decider:
         engine = self.engine
         clock = engine.clock
         mit = engine.mitigator
-        active: list[dict[str, Any]] = [{"kind": a.kind, "service": a.service, "target": a.target,
-                   "params": a.params, "incident_id": a.incident_id,
-                   "command_id": a.command_id, "issued_at": a.issued_at,
-                   "expires_at": a.expires_at, "since": a.since}
-                  for a in (mit.active() if mit else []) if a.expires_at > clock]
+        active: list[dict[str, Any]] = [
+            {"kind": a.kind, "service": a.service, "target": a.target, "params": a.params,
+             "incident_id": a.incident_id, "command_id": a.command_id,
+             "issued_at": a.issued_at, "expires_at": a.expires_at, "since": a.since}
+            for a in (mit.active() if mit else []) if a.expires_at > clock]
         mitigated: dict[str, float] = {}
         for a in active:
             shaped: list[str] = [a["service"], a["target"]] if a["kind"] == "isolate" \

@@ -22,12 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agents.incidents import read_records
 from app.broker import free_port
-from app.control import (
-    LOCAL_OPERATOR_KID,
-    build_control,
-    publish_control,
-    publish_raw_control,
-)
+from app.control import LOCAL_OPERATOR_KID, build_control, publish_raw_control
 from app.processes import settings_env
 from app.settings import Settings
 from app.status import read_status
@@ -105,8 +100,15 @@ def test_unsigned_forged_and_replayed_control_do_nothing(
         send_raw_control(settings, unsigned, sent)
         send_raw_control(settings, forged, sent)
         # a genuine pause and resume, then the pause replayed: the replay must not pause
-        pause = asyncio.run(publish_control(settings, "pause", operator="test"))
+        said = subprocess.run([sys.executable, "-m", "app.cli", "pause", "--reason", "drill"],
+                              env=settings_env(settings), capture_output=True, text=True,
+                              timeout=60)
         sent["control"] += 1
+        assert said.returncode == 0, said.stderr
+        pause = topic(settings, "control")[-1]  # one partition: the newest is the CLI's
+        assert said.stdout.startswith(f"sent to {settings.topic('control')}: pause "
+                                      "mitigation (kill switch) as ")
+        assert f"(id {pause['id']}, signed with key {LOCAL_OPERATOR_KID})" in said.stdout
         control(settings, "resume", sent)
         send_raw_control(settings, pause, sent)
         wait_processed(settings, sent)
