@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 #: (no decider may have run yet); a consumer loop that has not turned for this long is
 #: stuck. 60 s: a loop turn waits at most ~0.5 s for data, a reconnect well under that.
 STUCK_AFTER_S = 60.0
+#: `stanch status` calls a fact stale past this age: a running decider re-publishes
+#: every second, so 10 s means it is gone or stuck (or the clocks of two hosts differ
+#: by that much).
+STALE_AFTER_S = 10.0
 
 
 class MitigationView:
@@ -217,7 +221,9 @@ def format_status(fact: dict[str, Any], now: float) -> str:
         f"dry-run {'on' if mode.get('dry_run') else 'off'}, "
         f"approval {'on' if mode.get('approval') else 'off'}",
         f"decider: {f.get('host', '?')} pid {f.get('pid', '?')}, event clock "
-        f"{_when(float(f.get('clock', 0.0)))}, as of {f['age_s']:g} s ago",
+        f"{_when(float(f.get('clock', 0.0)))}, as of {f['age_s']:g} s ago"
+        + (" (stale: the decider publishes every second; is a worker running?)"
+           if f["age_s"] > STALE_AFTER_S else ""),
     ]
     changes = f.get("mode_changes", [])[-5:]
     if changes:

@@ -340,3 +340,9 @@ def test_operator_settings_are_checked(tmp_path: Path) -> None:
         load_settings(operator_key_file=tmp_path / "missing.key.pem")
     s = load_settings(trusted_operator_keys_dir=tmp_path)
     assert s.control_max_age_s == 600.0 and s.max_lease_s == Policy().safeguards.max_lease_s
+
+
+def test_status_says_when_the_fact_is_stale() -> None:
+    f = fact(1000.0, {})
+    assert "stale" not in format_status(f, NOW + 2)
+    assert "stale: the decider publishes every second" in format_status(f, NOW + 60)
