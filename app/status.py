@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 #: (no decider may have run yet); a consumer loop that has not turned for this long is
 #: stuck. 60 s: a loop turn waits at most ~0.5 s for data, a reconnect well under that.
 STUCK_AFTER_S = 60.0
+VIEW_FETCH_WAIT_MS = 500
 #: `stanch status` calls a fact stale past this age: a running decider re-publishes
 #: every second, so 10 s means it is gone or stuck (or the clocks of two hosts differ
 #: by that much).
@@ -113,9 +114,13 @@ class MitigationView:
         settings = self.settings
         try:
             await ensure_internal_topics(settings)
+            # 500 ms: one fact a second does not need the pipeline's 50 ms polling (20
+            # fetches/s per worker on a broker that answers a waiting fetch only when the
+            # wait ends); the decider's own process gets each fact at once (update()),
+            # and Kafka answers as soon as a fact is there anyway
             consumer = AIOKafkaConsumer(**settings.aiokafka_kwargs(), group_id=None,
                                         enable_auto_commit=False,
-                                        fetch_max_wait_ms=settings.fetch_max_wait_ms)
+                                        fetch_max_wait_ms=VIEW_FETCH_WAIT_MS)
             await consumer.start()
         except Exception as exc:
             self.failed = f"{type(exc).__name__}: {exc}"
