@@ -495,11 +495,11 @@ class Decider:
         engine = self.engine
         clock = engine.clock
         mit = engine.mitigator
-        active: list[dict[str, Any]] = [{"kind": a.kind, "service": a.service, "target": a.target,
-                   "params": a.params, "incident_id": a.incident_id,
-                   "command_id": a.command_id, "issued_at": a.issued_at,
-                   "expires_at": a.expires_at, "since": a.since}
-                  for a in (mit.active() if mit else []) if a.expires_at > clock]
+        active: list[dict[str, Any]] = [
+            {"kind": a.kind, "service": a.service, "target": a.target, "params": a.params,
+             "incident_id": a.incident_id, "command_id": a.command_id,
+             "issued_at": a.issued_at, "expires_at": a.expires_at, "since": a.since}
+            for a in (mit.active() if mit else []) if a.expires_at > clock]
         mitigated: dict[str, float] = {}
         for a in active:
             shaped: list[str] = [a["service"], a["target"]] if a["kind"] == "isolate" \
@@ -521,9 +521,12 @@ class Decider:
         """Publish the status fact when it changed, and at least every STATUS_EVERY_S."""
         fact = self.status_fact()
         now = time.monotonic()
-        if fact == self._status_sent and now - self._status_at < STATUS_EVERY_S:
+        # the clock moves with every window: it alone is refreshed once a second, not
+        # written on every loop turn
+        content = {k: v for k, v in fact.items() if k != "clock"}
+        if content == self._status_sent and now - self._status_at < STATUS_EVERY_S:
             return
-        self._status_sent, self._status_at = fact, now
+        self._status_sent, self._status_at = content, now
         value = {**fact, "at": time.time()}
         if self.on_status is not None:
             self.on_status(value)

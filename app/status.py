@@ -31,7 +31,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from agents.incidents import STATUS_KEY, read_records, status_topic
+from agents.incidents import STATUS_KEY, status_topic
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 #: (no decider may have run yet); a consumer loop that has not turned for this long is
 #: stuck. 60 s: a loop turn waits at most ~0.5 s for data, a reconnect well under that.
 STUCK_AFTER_S = 60.0
+VIEW_FETCH_WAIT_MS = 500
+#: `stanch status` calls a fact stale past this age: a running decider re-publishes
+#: every second, so 10 s means it is gone or stuck (or the clocks of two hosts differ
+#: by that much).
+STALE_AFTER_S = 10.0
 
 
 class MitigationView:
@@ -102,16 +107,20 @@ class MitigationView:
 
     # ---- the consumer ---------------------------------------------------------------
     async def run(self) -> None:
-        """Tail the status topic from its beginning (compacted: the newest fact wins)."""
+        """Tail the status topic from its newest fact (only the newest one counts)."""
         from agents.incidents import ensure_internal_topics
 
         assert self.settings is not None
         settings = self.settings
         try:
             await ensure_internal_topics(settings)
+            # 500 ms: one fact a second does not need the pipeline's 50 ms polling (20
+            # fetches/s per worker on a broker that answers a waiting fetch only when the
+            # wait ends); the decider's own process gets each fact at once (update()),
+            # and Kafka answers as soon as a fact is there anyway
             consumer = AIOKafkaConsumer(**settings.aiokafka_kwargs(), group_id=None,
                                         enable_auto_commit=False,
-                                        fetch_max_wait_ms=settings.fetch_max_wait_ms)
+                                        fetch_max_wait_ms=VIEW_FETCH_WAIT_MS)
             await consumer.start()
         except Exception as exc:
             self.failed = f"{type(exc).__name__}: {exc}"
@@ -119,7 +128,7 @@ class MitigationView:
         try:
             tp = TopicPartition(status_topic(settings), 0)
             consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
+            consumer.seek(tp, await last_offset(consumer, tp))
             while True:
                 self.last_loop = self.monotonic()
                 try:
@@ -147,17 +156,51 @@ class MitigationView:
                 await consumer.stop()
 
 
+async def last_offset(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+    """The offset of the last record of ``tp`` (its start when empty).
+
+    The topic gets a fact a second; compaction (where the broker does it) keeps one, but
+    reading them all back at every start is pointless. The listed end may be short of
+    the true end on the embedded broker (agents.incidents.read_records); starting
+    earlier than the last record is harmless: reading goes on to the true end."""
+    begin = (await consumer.beginning_offsets([tp]))[tp]
+    end = (await consumer.end_offsets([tp]))[tp]
+    return int(max(begin, end - 1))
+
+
 # ------------------------------------------------------------------------ stanch status
-async def read_status(settings: Settings) -> dict[str, Any] | None:
+async def read_status(settings: Settings, timeout_s: float = 15.0) -> dict[str, Any] | None:
     """The newest status fact, or None when there is none (or no topic yet)."""
-    records = await read_records(settings, status_topic(settings))
-    for record in reversed(records):
-        if record.key == STATUS_KEY and record.value:
-            with contextlib.suppress(orjson.JSONDecodeError):
-                fact = orjson.loads(record.value)
-                if isinstance(fact, dict):
-                    return fact
-    return None
+    topic = status_topic(settings)
+    consumer = AIOKafkaConsumer(**settings.aiokafka_kwargs(), group_id=None,
+                                enable_auto_commit=False,
+                                fetch_max_wait_ms=settings.fetch_max_wait_ms)
+    await consumer.start()
+    try:
+        if not consumer.partitions_for_topic(topic):
+            return None
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, await last_offset(consumer, tp))
+        newest: dict[str, Any] | None = None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(tp, timeout_ms=500)
+            for record in batches.get(tp, []):
+                if record.key == STATUS_KEY and record.value:
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        fact = orjson.loads(record.value)
+                        newest = fact if isinstance(fact, dict) else newest
+            high = consumer.highwater(tp)
+            if high is not None and await consumer.position(tp) >= high:
+                break
+        return newest
+    finally:
+        # aiokafka may raise CancelledError from stopping a consumer that never fetched
+        # (the no-topic case): the answer is already known, so it must not become a
+        # traceback
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await consumer.stop()
 
 
 def _when(ts: float) -> str:
@@ -183,7 +226,9 @@ def format_status(fact: dict[str, Any], now: float) -> str:
         f"dry-run {'on' if mode.get('dry_run') else 'off'}, "
         f"approval {'on' if mode.get('approval') else 'off'}",
         f"decider: {f.get('host', '?')} pid {f.get('pid', '?')}, event clock "
-        f"{_when(float(f.get('clock', 0.0)))}, as of {f['age_s']:g} s ago",
+        f"{_when(float(f.get('clock', 0.0)))}, as of {f['age_s']:g} s ago"
+        + (" (stale: the decider publishes every second; is a worker running?)"
+           if f["age_s"] > STALE_AFTER_S else ""),
     ]
     changes = f.get("mode_changes", [])[-5:]
     if changes:

@@ -22,12 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agents.incidents import read_records
 from app.broker import free_port
-from app.control import (
-    LOCAL_OPERATOR_KID,
-    build_control,
-    publish_control,
-    publish_raw_control,
-)
+from app.control import LOCAL_OPERATOR_KID, build_control, publish_raw_control
 from app.processes import settings_env
 from app.settings import Settings
 from app.status import read_status
@@ -105,8 +100,15 @@ def test_unsigned_forged_and_replayed_control_do_nothing(
         send_raw_control(settings, unsigned, sent)
         send_raw_control(settings, forged, sent)
         # a genuine pause and resume, then the pause replayed: the replay must not pause
-        pause = asyncio.run(publish_control(settings, "pause", operator="test"))
+        said = subprocess.run([sys.executable, "-m", "app.cli", "pause", "--reason", "drill"],
+                              env=settings_env(settings), capture_output=True, text=True,
+                              timeout=60)
         sent["control"] += 1
+        assert said.returncode == 0, said.stderr
+        pause = topic(settings, "control")[-1]  # one partition: the newest is the CLI's
+        assert said.stdout.startswith(f"sent to {settings.topic('control')}: pause "
+                                      "mitigation (kill switch) as ")
+        assert f"(id {pause['id']}, signed with key {LOCAL_OPERATOR_KID})" in said.stdout
         control(settings, "resume", sent)
         send_raw_control(settings, pause, sent)
         wait_processed(settings, sent)
@@ -120,12 +122,15 @@ def test_unsigned_forged_and_replayed_control_do_nothing(
         status = asyncio.run(read_status(settings))
         assert status is not None and status["mode"]["paused"] is False, \
             "the replayed pause changed nothing"
-        # the operator's own, signed approve acts
-        control(settings, "approve", sent, target=reserved)
+        # the operator's own, signed approve acts (of the incident: the pause dropped the
+        # pending command, the resume proposed it again under a new id)
+        incident = waiting["incident_id"]
+        control(settings, "approve", sent, target=incident)
         wait_processed(settings, sent)
-        assert [c["id"] for c in topic(settings, "commands")] == [reserved]
+        assert [(c["kind"], c["service"], c["incident_id"])
+                for c in topic(settings, "commands")] == [("throttle", "search", incident)]
         log = "".join(runner.lines)
-        assert "mallory approved" not in log and f"test approved {reserved}" in log
+        assert "mallory approved" not in log and f"test approved {incident}" in log
     finally:
         runner.stop()
 
@@ -249,6 +254,12 @@ def test_two_workers_agree_on_what_is_mitigated(topics: Settings, tmp_path: Path
     in both workers' views (read from Kafka), and both are healthy with every agent and
     task covered."""
     settings = policy_settings(topics, tmp_path, NO_IDLE_GAPS)
+    before = subprocess.run([sys.executable, "-m", "app.cli", "status"],
+                            env=settings_env(settings), capture_output=True, text=True,
+                            timeout=60)
+    assert before.returncode == 1 and before.stderr.startswith(
+        "stanch status: no decider status on"), before.stderr  # one line, no traceback
+    assert len(before.stderr.strip().splitlines()) == 1
     ports = [free_port(), free_port()]
     first = start_decider(settings, tmp_path / "a.log", STANCH_WEB_PORT=str(ports[0]))
     second: ProcessRunner | None = None

@@ -290,3 +290,59 @@ def test_cli_status_and_operator_keys(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("STANCH_KAFKA_BOOTSTRAP", "127.0.0.1:1")
     res = runner.invoke(cli, ["pause"])
     assert res.exit_code == 2 and "no operator key" in res.output
+
+
+# ------------------------------------------------------------------ health, settings
+class _Agent:
+    def __init__(self, name: str, crashed: bool = False) -> None:
+        self.name, self.crashed = name, crashed
+
+
+class _Task:
+    def __init__(self, state: str) -> None:
+        self.state = state
+        self.stats: dict[str, int] = {}
+
+    def health(self) -> dict[str, Any]:
+        return {"state": self.state}
+
+
+class _App:
+    def __init__(self, decider: str, view: str, crashed: bool = False) -> None:
+        self.agents = {"a": _Agent("stanch.forward.window", crashed)}
+        self.stanch_decider = _Task(decider)
+        self.stanch_mitigated = _Task(view)
+
+
+@pytest.mark.parametrize("decider, view, crashed, status, failed", [
+    ("running", "running", False, "ok", []),
+    ("starting", "running", False, "ok", []),
+    ("failed", "running", False, "failing", ["decider"]),
+    ("running", "stuck", False, "failing", ["mitigation_view"]),
+    ("running", "running", True, "failing", []),
+])
+def test_health_covers_every_agent_the_decider_and_the_view(
+        decider: str, view: str, crashed: bool, status: str, failed: list[str]) -> None:
+    from app.web import health
+
+    body = health(_App(decider, view, crashed))  # type: ignore[arg-type]
+    assert body["status"] == status and body["failed_tasks"] == failed
+    assert set(body["tasks"]) == {"decider", "mitigation_view"}
+    assert body["crashed_agents"] == (["stanch.forward.window"] if crashed else [])
+
+
+def test_operator_settings_are_checked(tmp_path: Path) -> None:
+    from app.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="STANCH_TRUSTED_OPERATOR_KEYS_DIR"):
+        load_settings(trusted_operator_keys_dir=tmp_path / "missing")
+    with pytest.raises(SettingsError, match="operator_key_file|OPERATOR_KEY_FILE"):
+        load_settings(operator_key_file=tmp_path / "missing.key.pem")
+    s = load_settings(trusted_operator_keys_dir=tmp_path)
+    assert s.control_max_age_s == 600.0 and s.max_lease_s == Policy().safeguards.max_lease_s
+
+
+def test_status_says_when_the_fact_is_stale() -> None:
+    f = fact(1000.0, {})
+    assert "stale" not in format_status(f, NOW + 2)
+    assert "stale: the decider publishes every second" in format_status(f, NOW + 60)
