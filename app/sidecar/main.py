@@ -200,7 +200,10 @@ class _SidecarCollector(Collector):
         for name, doc, value in (
             ("stanch_sidecar_telemetry_recorded", "Request events buffered", t.recorded),
             ("stanch_sidecar_telemetry_published", "Request events delivered", t.published),
-            ("stanch_sidecar_telemetry_dropped", "Request events dropped", t.dropped),
+            ("stanch_sidecar_telemetry_dropped", "Request events dropped (buffer full)",
+             t.dropped),
+            ("stanch_sidecar_telemetry_retried", "Request events Kafka did not take, kept "
+             "and sent again", t.retried),
         ):
             fam = CounterMetricFamily(name, doc, labels=labels)
             fam.add_metric(base, value)
@@ -386,6 +389,7 @@ class Sidecar:
             "telemetry": {
                 "recorded": t.recorded, "published": t.published,
                 "dropped": t.dropped, "buffered": t.buffered, "connected": t.connected,
+                "retried": t.retried,
             },
             "trusted_kids": self.keyring.kids,
             "now": now,
