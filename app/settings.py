@@ -27,6 +27,7 @@ TOPIC_NAMES: tuple[str, ...] = (
     "control",
     "deadletter",
     "labels",
+    "heartbeats",
 )
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{0,100}$")

@@ -45,6 +45,11 @@ TOPIC_SPECS: dict[str, TopicSpec] = {
     "control": TopicSpec("control", retention_hours=24 * 90, partitions=1),
     "deadletter": TopicSpec("deadletter", retention_hours=24 * 7),
     "labels": TopicSpec("labels", compacted=True),
+    # Sidecar liveness (key "service|instance"): each sidecar counts the live instances
+    # of its service to take its share of a fleet-wide throttle (app/sidecar/fleet.py).
+    # Only the last few seconds matter: compacted, one hour kept; one partition, since
+    # every sidecar reads all of it anyway.
+    "heartbeats": TopicSpec("heartbeats", retention_hours=1, compacted=True, partitions=1),
 }
 assert set(TOPIC_SPECS) == set(TOPIC_NAMES)
 
