@@ -196,9 +196,10 @@ class FleetMembership:
             at = float(beat["at"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return  # not a heartbeat of ours: ignored (the topic is internal)
-        if backlog and time.time() - at > self.stale_after_s:
+        age = max(0.0, time.time() - at) if backlog else 0.0  # a backlog beat is as old
+        if age > self.stale_after_s:  # as its wall-clock stamp says; a live one is new
             return
-        self.peers[instance] = time.monotonic()
+        self.peers[instance] = time.monotonic() - age
 
     def _recount(self) -> None:
         now = time.monotonic()

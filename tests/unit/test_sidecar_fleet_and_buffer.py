@@ -44,10 +44,13 @@ def test_a_silent_peer_goes_stale_and_old_backlog_beats_are_ignored() -> None:
     assert fleet.live_instances(now + 2.0 * STALE_PERIODS + 0.1) == 1
     fleet._heard(*_beat("checkout", "pod-7", at=time.time() - 3600), backlog=True)
     fleet._heard(*_beat("checkout", "pod-8"), backlog=True)
-    assert set(fleet.peers) == {"pod-2", "pod-8"}
+    fleet._heard(*_beat("checkout", "pod-5", at=time.time() - 5.0), backlog=True)
+    soon = time.monotonic() + 1.5  # a 5 s old beat read back has ~1 s of life left
+    assert "pod-5" in fleet.peers
+    assert fleet.live_instances(soon) == 3  # itself, pod-2 and pod-8; pod-5 is stale
     fleet._heard(b"checkout|pod-9", b"not json", backlog=False)
     fleet._heard(None, b"{}", backlog=False)
-    assert set(fleet.peers) == {"pod-2", "pod-8"}
+    assert set(fleet.peers) == {"pod-2", "pod-5", "pod-8"}
 
 
 def test_a_failed_batch_returns_in_order_and_only_overflow_is_dropped() -> None:
