@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,26 +41,15 @@ def cli(verbose: bool) -> None:
 @click.option("--port", type=int, default=None, help="Port (default STANCH_BROKER_PORT, 9092).")
 def broker(port: int | None) -> None:
     """Start the embedded Kafka-compatible broker (Tansu, memory storage)."""
-    from app.broker import BrokerError, EmbeddedBroker
+    from app.broker import BrokerError, serve_broker
 
     settings = _settings(broker_port=port)
-    embedded = EmbeddedBroker(port=settings.broker_port)
     try:
-        embedded.start()
+        code = serve_broker(settings.broker_port, click.echo)
     except BrokerError as exc:
         click.echo(f"stanch broker: {exc}", err=True)
         sys.exit(1)
-    click.echo(f"embedded broker listening on {embedded.bootstrap} (Ctrl-C to stop)")
-
-    def _stop(*_: object) -> None:
-        embedded.stop()
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    code = embedded.wait()
-    click.echo(f"embedded broker exited with code {code}", err=True)
-    sys.exit(1 if code else 0)
+    sys.exit(code)
 
 
 @cli.command()

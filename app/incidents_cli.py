@@ -301,11 +301,33 @@ def plot_incident(view: IncidentView, windows: list[dict[str, Any]],
 
 
 # --------------------------------------------------------------------------- CLI bodies
+def _not_ready(settings: Settings, command: str) -> str | None:
+    """A one-line reason when the incidents cannot be read at all (Kafka unreachable, no
+    topics yet), else None. Checked first: reading a missing topic failed deep inside the
+    Kafka client with a traceback."""
+    from app.topics import missing_topics
+
+    topic = settings.topic("incidents")
+    try:
+        missing = asyncio.run(missing_topics(settings, [topic]))
+    except RuntimeError as exc:
+        return f"{command}: {exc}"
+    if missing:
+        return (f"{command}: no topic {topic} at {settings.bootstrap} yet: no worker has run "
+                "against this broker (`stanch worker` creates the topics; check "
+                "STANCH_TOPIC_PREFIX)")
+    return None
+
+
 def incidents_list_main(settings: Settings, as_json: bool = False) -> int:
     """``stanch incidents`` / ``stanch incidents list``; returns the exit code."""
+    problem = _not_ready(settings, "stanch incidents")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     try:
         views = asyncio.run(load_views(settings))
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:  # aiokafka's stop() can raise the latter
         print(f"stanch incidents: cannot read {settings.topic('incidents')} at "
               f"{settings.bootstrap}: {exc}", file=sys.stderr)
         return 1
@@ -338,10 +360,14 @@ def incidents_show_main(settings: Settings, incident_id: str, plot_path: Path | 
     ``<ID>.png`` in the current directory); returns the exit code."""
     if plot_path is None and not no_plot:
         plot_path = Path(f"{incident_id.replace('/', '_')}.png")
+    problem = _not_ready(settings, "stanch incidents show")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     try:
         view, written = asyncio.run(show_incident(settings, incident_id,
                                                   None if no_plot else plot_path))
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
         print(f"stanch incidents show: {exc}", file=sys.stderr)
         return 1
     if view is None:

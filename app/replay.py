@@ -18,13 +18,22 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
+import click
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class ReplayError(click.ClickException):
+    """Nothing to replay (topic missing, Kafka unreachable): one line, exit code 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"stanch replay: {self.format_message()}", err=True)
 
 
 @dataclass(frozen=True)
@@ -85,10 +94,26 @@ async def _is_boundary(
     return before is not None and before < start_ms
 
 
+async def require_topic(settings: Settings, topic: str) -> None:
+    """Raise :class:`ReplayError` (one line) when Kafka is unreachable or ``topic`` is
+    missing; reading a missing topic used to end in a traceback from the Kafka client."""
+    from app.topics import missing_topics
+
+    try:
+        missing = await missing_topics(settings, [topic])
+    except RuntimeError as exc:
+        raise ReplayError(str(exc)) from None
+    if missing:
+        raise ReplayError(f"topic {topic} does not exist at {settings.bootstrap}: nothing to "
+                          "replay (`stanch worker` creates the topics; check "
+                          "STANCH_TOPIC_PREFIX)")
+
+
 async def read_range(
     settings: Settings, topic: str, window: ReplayRange
 ) -> AsyncIterator[ConsumerRecord]:
     """Every record of ``topic`` whose timestamp lies in ``window``, partition by partition."""
+    await require_topic(settings, topic)
     consumer = AIOKafkaConsumer(
         **settings.aiokafka_kwargs(), enable_auto_commit=False, fetch_max_wait_ms=100
     )
@@ -99,7 +124,7 @@ async def read_range(
             await consumer._client.force_metadata_update()  # topic created just now
             parts = consumer.partitions_for_topic(topic) or set()
         if not parts:
-            raise ValueError(f"topic {topic!r} does not exist")
+            raise ReplayError(f"topic {topic} has no partitions at {settings.bootstrap}")
         partitions = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(partitions)
         starts = await start_offsets(consumer, partitions, window.start_ms)
@@ -123,6 +148,7 @@ async def republish(
     """Copy a time range of topic ``name`` to the same topic under ``target``'s prefix."""
     from app.topics import ensure_topics
 
+    await require_topic(settings, settings.topic(name))  # before creating the target's
     await ensure_topics(target)
     producer = AIOKafkaProducer(**target.aiokafka_kwargs(), linger_ms=5)
     await producer.start()

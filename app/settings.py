@@ -7,7 +7,11 @@ the variable and what is wrong, instead of failing minutes later inside a consum
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +31,7 @@ TOPIC_NAMES: tuple[str, ...] = (
     "control",
     "deadletter",
     "labels",
+    "heartbeats",
 )
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{0,100}$")
@@ -227,8 +232,47 @@ def _describe(error: ValidationError) -> str:
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 
+#: STANCH_* variables that are not settings: the environment of a rollback hook
+#: (app/sidecar/rollback.py) and the test suite's switch (tests/kafka.py).
+OTHER_ENV_VARS = frozenset(
+    {"STANCH_TARGET_VERSION", "STANCH_COMMAND_ID", "STANCH_SERVICE", "STANCH_TEST_NO_DOCKER"}
+)
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``STANCH_*`` names in ``environ`` that no setting reads, each with the closest
+    known name (None when nothing is close): a typo is otherwise silently ignored."""
+    known = {f"STANCH_{name.upper()}" for name in Settings.model_fields} | OTHER_ENV_VARS
+    suffixes = sorted(k[len("STANCH_"):] for k in known)  # the shared prefix is no evidence
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith("STANCH_") and upper not in known:
+            close = difflib.get_close_matches(upper[len("STANCH_"):], suffixes, n=1, cutoff=0.6)
+            out.append((name, f"STANCH_{close[0]}" if close else None))
+    return out
+
+
+def describe_unknown(unknown: list[tuple[str, str | None]]) -> str:
+    """One line naming every unknown variable and its closest known name."""
+    names = ", ".join(f"{name} (did you mean {close}?)" if close else name
+                      for name, close in unknown)
+    return f"ignoring unknown environment variable(s): {names}"
+
+
+_warned_unknown = False
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read settings from the environment; raise :class:`SettingsError` with a clear message."""
+    """Read settings from the environment; raise :class:`SettingsError` with a clear message.
+
+    Unknown ``STANCH_*`` variables are reported once per process, as one warning line."""
+    global _warned_unknown
+    if not _warned_unknown:
+        _warned_unknown = True
+        unknown = unknown_env_vars(os.environ)
+        if unknown:
+            logging.getLogger(__name__).warning("%s", describe_unknown(unknown))
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -9,6 +9,7 @@ changelog topics of its own tables.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -45,6 +46,11 @@ TOPIC_SPECS: dict[str, TopicSpec] = {
     "control": TopicSpec("control", retention_hours=24 * 90, partitions=1),
     "deadletter": TopicSpec("deadletter", retention_hours=24 * 7),
     "labels": TopicSpec("labels", compacted=True),
+    # Sidecar liveness (key "service|instance"): each sidecar counts the live instances
+    # of its service to take its share of a fleet-wide throttle (app/sidecar/fleet.py).
+    # Only the last few seconds matter: compacted, one hour kept; one partition, since
+    # every sidecar reads all of it anyway.
+    "heartbeats": TopicSpec("heartbeats", retention_hours=1, compacted=True, partitions=1),
 }
 assert set(TOPIC_SPECS) == set(TOPIC_NAMES)
 
@@ -104,6 +110,30 @@ async def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str
         return created
     finally:
         await admin.close()
+
+
+async def missing_topics(settings: Settings, topics: list[str],
+                         timeout_s: float = 10.0) -> list[str]:
+    """Which of the (full) topic names do not exist; raises :class:`RuntimeError` with a
+    one-line reason when Kafka cannot be reached. For commands that only read (replay,
+    incidents): they say what is missing instead of failing inside a consumer."""
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)  # the one-line reason below says it all
+    admin = AIOKafkaAdminClient(**settings.aiokafka_kwargs(), request_timeout_ms=10_000)
+    try:
+        try:
+            await asyncio.wait_for(admin.start(), timeout_s)
+            existing = set(await asyncio.wait_for(admin.list_topics(), timeout_s))
+        except (TimeoutError, KafkaError, OSError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise RuntimeError(f"cannot reach Kafka at {settings.bootstrap}: {reason}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+    finally:
+        client_log.setLevel(level)
+    return [t for t in topics if t not in existing]
 
 
 async def describe_partitions(settings: Settings) -> dict[str, int]:

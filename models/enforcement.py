@@ -468,6 +468,20 @@ class EnforcementTable:
         self._shed_index: dict[str, Enforcement] = {}
         self._shed_all: Enforcement | None = None
         self.rollbacks_done: set[str] = set()
+        # Live sidecar instances of the service (app/sidecar/fleet.py): a throttle's
+        # rate_per_s and burst are the fleet's, each instance admits 1/instances of them.
+        self.instances = 1
+
+    def set_instances(self, instances: int, now: float) -> None:
+        """Re-share every throttle among ``instances`` live instances (at least 1)."""
+        self.instances = max(1, int(instances))
+        for e in self.throttles.values():
+            if e.bucket is not None:
+                self._share_bucket(e.bucket, e.params, now)
+
+    def _share_bucket(self, bucket: TokenBucket, params: Mapping[str, Any], now: float) -> None:
+        rate, burst = instance_share(params, self.instances)
+        bucket.set_rate(rate, burst, now)
 
     # ------------------------------------------------------------------ queries
     def active(self) -> list[Enforcement]:
@@ -496,8 +510,7 @@ class EnforcementTable:
         if current is not None and current.expires_at > now and cmd.issued_at < current.issued_at:
             return Outcome("rejected", f"superseded by {current.command_id}")
         if cmd.kind == "throttle":
-            rate = float(cmd.params["rate_per_s"])
-            burst = _burst(cmd.params, rate)
+            rate, burst = instance_share(cmd.params, self.instances)
             if current is not None and current.bucket is not None and current.expires_at > now:
                 bucket = current.bucket
                 bucket.set_rate(rate, burst, now)
@@ -570,11 +583,11 @@ class EnforcementTable:
             if not ramp:
                 del table[e.key]
             elif kind == "throttle" and e.bucket is not None:
-                rate = (
-                    float(new_rate) if new_rate is not None else e.bucket.rate * (1.0 + fraction)
-                )
-                e.bucket.set_rate(rate, _burst({"burst": None}, rate), now)
+                fleet_rate = float(e.params["rate_per_s"])
+                rate = float(new_rate) if new_rate is not None else fleet_rate * (1.0 + fraction)
                 e.params["rate_per_s"] = rate
+                e.params.pop("burst", None)  # one second's worth of the new rate
+                self._share_bucket(e.bucket, e.params, now)
             elif e.gate is not None:
                 if kind == "shed":
                     e.gate.share *= 1.0 - fraction
@@ -682,6 +695,20 @@ class EnforcementTable:
 
 def _share_of(entry: Enforcement) -> float:
     return entry.gate.share if entry.gate is not None else 0.0
+
+
+def instance_share(params: Mapping[str, Any], instances: int) -> tuple[float, float]:
+    """This instance's (rate, burst) of a fleet-wide throttle shared by ``instances``.
+
+    The rate divides exactly (a token bucket takes fractional rates), so N instances
+    together admit the command's rate. The burst divides too but never below one
+    token: a bucket that holds less than one request would refuse everything, so with
+    more instances than burst tokens the fleet's burst is ``instances`` (a throttle's
+    burst is at least one second's worth by default, so this only shows for tiny rates).
+    """
+    n = max(1, instances)
+    rate = float(params["rate_per_s"])
+    return rate / n, max(1.0, _burst(params, rate) / n)
 
 
 def _burst(params: Mapping[str, Any], rate: float) -> float:

@@ -11,6 +11,15 @@ Every command goes through the same gate as live ones, which rebuilds the replay
 and re-applies the leases still valid; a rollback this instance already acked
 "applied" is marked done and never run again; acks are not repeated for commands this
 instance already acked. Then it continues live.
+
+Broker outages: a broker restarted empty (or a cluster rebuilt) re-creates the topic
+with offsets from 0, while this consumer's position is still at the old end, so it would
+skip every new command up to there (the issue saw 2 of 3 lost). Every
+``probe_interval_s`` the consumer asks for the end offsets; when that failed (the broker
+was unreachable) and then works again, or when the position lies beyond both the
+listed end and the last fetch's high watermark, it re-reads the topic from the start in
+recovery mode: commands already seen are dropped by the gate's replay set without a new
+ack, new ones are enforced.
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ class CommandConsumer:
         clock: Callable[[], float] = time.time,
         expire_interval_s: float = 0.2,
         expired_ack_horizon_s: float = 900.0,
+        probe_interval_s: float = 2.0,
     ) -> None:
         self.settings = settings
         self.service = service
@@ -80,6 +90,11 @@ class CommandConsumer:
         self.clock = clock
         self.expire_interval_s = expire_interval_s
         self.expired_ack_horizon_s = expired_ack_horizon_s
+        # 2 s: a restart is noticed within a few seconds of the broker's return, at the
+        # cost of one ListOffsets request every 2 s per sidecar (commands are few)
+        self.probe_interval_s = probe_interval_s
+        self.rereads = 0  # times the topic was re-read from the start after a reset
+        self._broker_lost = False
         self.ready = asyncio.Event()
         self.counts: dict[str, int] = {
             "applied": 0, "rejected": 0, "failed": 0, "expired": 0, "ignored": 0,
@@ -240,6 +255,8 @@ class CommandConsumer:
     async def _live(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
+        loop = asyncio.get_running_loop()
+        next_probe = loop.time() + self.probe_interval_s
         while True:
             try:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=500)
@@ -249,10 +266,69 @@ class CommandConsumer:
                 self.last_error = str(exc) or type(exc).__name__
                 log.warning("commands: fetch failed (%s)", exc)
                 await asyncio.sleep(0.5)
-                continue
+                batches = {}
             for records in batches.values():
                 for record in records:
                     await self._handle(record.key, record.value)
+            if loop.time() >= next_probe:
+                if await self._topic_was_reset(consumer):
+                    await self._reread(consumer)
+                next_probe = loop.time() + self.probe_interval_s
+
+    async def _topic_was_reset(self, consumer: AIOKafkaConsumer) -> bool:
+        """True when the commands topic may have been re-created under this consumer."""
+        tps = sorted(consumer.assignment())
+        try:
+            ends = await asyncio.wait_for(consumer.end_offsets(tps), self.probe_interval_s * 2)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not self._broker_lost:
+                log.warning("commands: broker unreachable (%s); %s will be re-read from the "
+                            "start when it answers again", exc or type(exc).__name__,
+                            self._topic)
+            self._broker_lost = True
+            self.connected = False
+            return False
+        self.connected = True
+        if self._broker_lost:
+            return True
+        for tp in tps:
+            position = await consumer.position(tp)
+            highwater = consumer.highwater(tp)
+            if position > ends.get(tp, 0) and (highwater is None or position > highwater):
+                return True
+        return False
+
+    async def _reread(self, consumer: AIOKafkaConsumer) -> None:
+        """Read the commands topic again from its beginning (recovery mode: no new ack
+        for what this instance already acked), then continue live."""
+        self._recovering = True
+        try:
+            tps = await self._partitions(consumer, self._topic)
+            consumer.assign(tps)  # fresh partition states: no stale high watermark
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            handled = 0
+            while await self._behind(consumer, tps, end):
+                batches = await consumer.getmany(timeout_ms=200, max_records=500)
+                for records in batches.values():
+                    for record in records:
+                        await self._handle(record.key, record.value)
+                        handled += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # topic not re-created yet: try again at the next probe
+            log.warning("commands: cannot re-read %s yet (%s)", self._topic, exc)
+            self._broker_lost = True
+            return
+        finally:
+            self._recovering = False
+        self._broker_lost = False
+        self.rereads += 1
+        log.warning("commands: %s re-read from the start after a broker outage or reset "
+                    "(%d messages, %d active enforcements)", self._topic, handled,
+                    len(self.table))
 
     # ------------------------------------------------------------------ one command
     async def _handle(self, key: bytes | None, value: bytes | None) -> None:

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from app.settings import Settings
 from app.sidecar.commands import CommandConsumer
+from app.sidecar.fleet import FleetMembership
 from app.sidecar.proxy import EGRESS_PREFIX, Proxy
 from app.sidecar.rollback import RollbackHook
 from app.sidecar.telemetry import TelemetryPublisher
@@ -200,7 +201,10 @@ class _SidecarCollector(Collector):
         for name, doc, value in (
             ("stanch_sidecar_telemetry_recorded", "Request events buffered", t.recorded),
             ("stanch_sidecar_telemetry_published", "Request events delivered", t.published),
-            ("stanch_sidecar_telemetry_dropped", "Request events dropped", t.dropped),
+            ("stanch_sidecar_telemetry_dropped", "Request events dropped (buffer full)",
+             t.dropped),
+            ("stanch_sidecar_telemetry_retried", "Request events Kafka did not take, kept "
+             "and sent again", t.retried),
         ):
             fam = CounterMetricFamily(name, doc, labels=labels)
             fam.add_metric(base, value)
@@ -226,6 +230,13 @@ class _SidecarCollector(Collector):
         ):
             active.add_metric([*base, kind], len(table))
         yield active
+        live = GaugeMetricFamily(
+            "stanch_sidecar_live_instances",
+            "Live sidecar instances of this service (heartbeats); each admits 1/N of a throttle",
+            labels=labels,
+        )
+        live.add_metric(base, sc.table.instances)
+        yield live
 
 
 class Sidecar:
@@ -250,6 +261,9 @@ class Sidecar:
         self.instance = options.instance_name()
         self.proxy = self._make_proxy()
         self.commands = self._make_commands()
+        self.fleet = FleetMembership(
+            settings, options.service, self.instance, self.table, clock=self.clock
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_SidecarCollector(self))
         self.ingress_port = 0
@@ -300,6 +314,7 @@ class Sidecar:
         await self.proxy.start()
         self.telemetry.start()
         self.commands.start()
+        self.fleet.start()
         self.started_at = time.time()
         log.info(
             "sidecar %s (%s): ingress :%d -> %s, admin :%d",
@@ -311,8 +326,10 @@ class Sidecar:
         self.instance = instance
         self.proxy._base_event["instance"] = instance
         self.commands.instance = instance
+        self.fleet.instance = instance
 
     async def stop(self) -> None:
+        await self.fleet.stop()
         await self.commands.stop()
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
@@ -377,6 +394,7 @@ class Sidecar:
             "commands_ready": self.commands.ready.is_set(),
             "commands": dict(self.commands.counts),
             "active": self.table.status(now),
+            "live_instances": self.table.instances,
             "rollbacks_done": sorted(self.table.rollbacks_done),
             "requests": {
                 "ingress_passed": c.ingress_passed, "ingress_throttled": c.ingress_throttled,
@@ -386,6 +404,7 @@ class Sidecar:
             "telemetry": {
                 "recorded": t.recorded, "published": t.published,
                 "dropped": t.dropped, "buffered": t.buffered, "connected": t.connected,
+                "retried": t.retried,
             },
             "trusted_kids": self.keyring.kids,
             "now": now,

@@ -101,3 +101,53 @@ def test_worker_serves_health_status_and_metrics(topics: Settings, tmp_path: Pat
         assert 'stanch_aggregation_total{what="messages"}' in text
     finally:
         worker.stop()
+
+
+def test_incidents_before_any_topic_exists_is_one_clear_line(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from app.cli import cli
+
+    monkeypatch.setenv("STANCH_KAFKA_BOOTSTRAP", settings.bootstrap)
+    monkeypatch.setenv("STANCH_TOPIC_PREFIX", settings.topic_prefix)  # nothing created
+    for args in (["incidents"], ["incidents", "list", "--json"],
+                 ["incidents", "show", "inc-1", "--no-plot"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output
+        [line] = [x for x in result.output.splitlines() if x.strip()]
+        assert f"no topic {settings.topic('incidents')} at {settings.bootstrap} yet" in line
+        assert "stanch worker" in line
+
+
+def test_embedded_broker_restarts_on_the_same_port_within_seconds() -> None:
+    broker = EmbeddedBroker(port=free_port())
+    started = time.monotonic()
+    broker.start()
+    try:
+        assert time.monotonic() - started < 10  # accepts connections at once (~0.1 s)
+        settings = Settings(kafka_bootstrap=broker.bootstrap, topic_prefix="restart.")
+        asyncio.run(ensure_topics(settings))
+
+        async def connected_client_then_stop() -> float:
+            # a client connected: Tansu alone drains for ~5 s on SIGTERM
+            producer = AIOKafkaProducer(**settings.aiokafka_kwargs())
+            await producer.start()
+            await producer.send_and_wait(settings.topic("changes"), b"{}")
+            stopping = time.monotonic()
+            await asyncio.to_thread(broker.stop)
+            took = time.monotonic() - stopping
+            await producer.stop()
+            return took
+
+        assert asyncio.run(connected_client_then_stop()) < 5
+        assert not port_open("127.0.0.1", broker.port)
+        broker.start()  # the same port again, empty
+        from app.topics import missing_topics
+
+        names = [settings.topic(n) for n in TOPIC_NAMES]
+        assert asyncio.run(missing_topics(settings, names)) == names
+    finally:
+        broker.stop()

@@ -76,3 +76,30 @@ def test_republish_to_another_prefix(topics: Settings) -> None:
     assert _indices(asyncio.run(collect(target, "changes", ReplayRange()))) == list(range(5, 12))
     with pytest.raises(ValueError, match="must differ"):
         run_replay(topics, "changes", window, topics.topic_prefix)
+
+
+def test_replay_of_a_missing_topic_is_one_clear_line(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from app.cli import cli
+
+    monkeypatch.setenv("STANCH_KAFKA_BOOTSTRAP", settings.bootstrap)
+    monkeypatch.setenv("STANCH_TOPIC_PREFIX", settings.topic_prefix)  # no topics created
+    target_prefix = f"{settings.topic_prefix}copy."  # unique to this test
+    for args in (["replay", "--topic", "windows"],
+                 ["replay", "--topic", "windows", "--to-prefix", target_prefix]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1
+        assert "Traceback" not in result.output
+        assert result.output.strip() == (
+            f"stanch replay: topic {settings.topic('windows')} does not exist at "
+            f"{settings.bootstrap}: nothing to replay (`stanch worker` creates the topics; "
+            "check STANCH_TOPIC_PREFIX)")
+    # the failed re-publish did not create the target's topics either
+    from app.topics import missing_topics
+
+    target = Settings(kafka_bootstrap=settings.bootstrap, topic_prefix=target_prefix)
+    assert asyncio.run(missing_topics(target, [target.topic("windows")])) == [
+        target.topic("windows")]

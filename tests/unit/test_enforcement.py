@@ -356,3 +356,53 @@ def test_batch_admission_without_enforcement_passes_everything() -> None:
     assert table.ingress_active("/a", T0)
     assert not table.ingress_active("/a", T0 + 61)  # lease over
     assert table.admit_ingress(["/b"] * 5, [T0] * 5) == [0] * 5
+
+
+# --------------------------------------------------------------------------- fleet share
+def _admitted(table: EnforcementTable, rate_s: float, seconds: float, t0: float) -> int:
+    """Requests passed when offered at ``rate_s`` for ``seconds`` from ``t0``."""
+    n = int(rate_s * seconds)
+    return sum(table.decide_ingress("/x", t0 + i / rate_s).passes for i in range(n))
+
+
+def test_instance_share_divides_rate_and_burst_never_below_one() -> None:
+    from models.enforcement import instance_share
+
+    assert instance_share({"rate_per_s": 30.0, "burst": 60.0}, 3) == (10.0, 20.0)
+    assert instance_share({"rate_per_s": 30.0}, 1) == (30.0, 30.0)  # default burst: 1 s
+    assert instance_share({"rate_per_s": 2.0}, 4) == (0.5, 1.0)  # burst floor: one token
+    assert instance_share({"rate_per_s": 0.0}, 3) == (0.0, 1.0)  # a stop stays a stop
+    assert instance_share({"rate_per_s": 9.0}, 0) == (9.0, 9.0)  # 0 known: assume alone
+
+
+def test_three_instances_each_admit_a_third_and_together_the_cap() -> None:
+    tables = [EnforcementTable() for _ in range(3)]
+    for table in tables:
+        table.set_instances(3, T0)
+        table.apply(parsed(params={"rate_per_s": 30.0, "burst": 3.0}), T0)
+    # each instance offered 100 req/s for 20 s: the fleet admits ~30 req/s (+ the bursts)
+    total = sum(_admitted(t, 100.0, 20.0, T0) for t in tables)
+    assert 30 * 20 <= total <= 30 * 20 + 3 + 3
+
+
+def test_instance_count_change_reshares_a_live_throttle() -> None:
+    table = EnforcementTable()
+    table.apply(parsed(params={"rate_per_s": 20.0, "burst": 2.0}), T0)
+    alone = _admitted(table, 100.0, 10.0, T0)
+    table.set_instances(4, T0 + 10)
+    shared = _admitted(table, 100.0, 10.0, T0 + 10)
+    assert abs(alone - 200) <= 3 and abs(shared - 50) <= 3
+    [status] = table.status(T0 + 20)
+    assert status["rate_per_s"] == 5.0 and status["params"]["rate_per_s"] == 20.0
+    table.set_instances(1, T0 + 20)  # the others are gone: the whole cap again
+    assert abs(_admitted(table, 100.0, 10.0, T0 + 20) - 200) <= 3
+
+
+def test_restore_ramp_of_a_shared_throttle_ramps_the_fleet_rate() -> None:
+    table = EnforcementTable()
+    table.set_instances(2, T0)
+    table.apply(parsed(params={"rate_per_s": 10.0}), T0)
+    table.apply(parsed("restore", id="r1", params={"kind": "throttle", "step": 0.5}), T0 + 1)
+    [status] = table.status(T0 + 1)
+    assert status["params"]["rate_per_s"] == 15.0  # the fleet's rate grew by half
+    assert status["rate_per_s"] == 7.5  # and this instance has half of it

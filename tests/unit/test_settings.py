@@ -83,3 +83,33 @@ def test_unknown_topic_name_is_an_error() -> None:
     with pytest.raises(KeyError, match="unknown topic"):
         Settings().topic("nope")
     assert len({Settings().topic(n) for n in TOPIC_NAMES}) == len(TOPIC_NAMES)
+
+
+def test_unknown_stanch_variables_are_named_with_the_closest_known_one() -> None:
+    from app.settings import describe_unknown, unknown_env_vars
+
+    env = {"STANCH_WEB_PROT": "1", "STANCH_PARTITION": "2", "STANCH_FOO": "3",
+           "STANCH_GRACE_S": "1", "stanch_kafka_bootstrap": "h:1", "STANCH_SERVICE": "x",
+           "PATH": "/bin"}
+    unknown = unknown_env_vars(env)
+    assert unknown == [("STANCH_FOO", None), ("STANCH_PARTITION", "STANCH_PARTITIONS"),
+                       ("STANCH_WEB_PROT", "STANCH_WEB_PORT")]
+    line = describe_unknown(unknown)
+    assert "\n" not in line
+    assert "STANCH_WEB_PROT (did you mean STANCH_WEB_PORT?)" in line
+    assert "STANCH_FOO" in line
+
+
+def test_load_settings_warns_once_about_unknown_variables(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import app.settings as settings_module
+
+    monkeypatch.setattr(settings_module, "_warned_unknown", False)
+    monkeypatch.setenv("STANCH_WINDOW_SECONDS", "2")
+    with caplog.at_level("WARNING", logger="app.settings"):
+        load_settings()
+        load_settings()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app.settings"]
+    assert len(warnings) == 1
+    assert "STANCH_WINDOW_SECONDS (did you mean STANCH_WINDOW_S?)" in warnings[0]
