@@ -111,6 +111,7 @@ class Active:
     #: the services whose answers it changes: where it runs, its target (isolate) and
     #: everything upstream (see VerifyPolicy)
     scope: list[str] = field(default_factory=list)
+    onset: float | None = None  # its incident's onset (leased kinds: it gets judged)
     #: [error responses, windows] of the scope over the windows before it was issued
     before: list[float] | None = None
     verdict: str = ""  # "" (not judged yet), "worse", "better", "same", "unknown"
@@ -553,13 +554,10 @@ class Mitigator:
             if prev is not None:
                 act.step, act.last_step_at, act.since = prev.step, prev.last_step_at, prev.since
                 act.scope, act.before, act.verdict = prev.scope, prev.before, prev.verdict
+                act.onset = prev.onset
             elif d.kind in LEASED_KINDS:
-                # what the scope served before: the windows since onset, at most
-                # verify.compare_windows of them, before this window
                 act.scope = self._scope(book, d.kind, d.service, d.target)
-                span = self.policy.verify.compare_windows * self._window_s(inc)
-                e_b, _, n_b = book.errors_between(act.scope, max(inc.onset, now - span), now)
-                act.before = [e_b, float(n_b)]
+                act.onset = inc.onset
             self._active[act.key] = act
         if inc.state == "open":
             res.add(book.transition(inc.id, "mitigating", now,
@@ -612,14 +610,20 @@ class Mitigator:
         vp = self.policy.verify
         span = vp.compare_windows * self._window_s(inc)
         for act in self._acts(inc.id):
-            if act.kind not in LEASED_KINDS or act.before is None:
+            if act.kind not in LEASED_KINDS or act.onset is None:
                 continue
-            e_b, n_b = act.before
             if not act.verdict:
                 t0 = act.since + vp.settle_s
                 if now < t0 + span:
                     continue
                 e_a, _, n_a = book.errors_between(act.scope, t0, t0 + span)
+                if n_a < vp.compare_windows and now < t0 + 2 * span:
+                    continue  # windows still arriving (the decider merges topics)
+                # what the scope served before: the windows since onset, at most
+                # verify.compare_windows of them, before the one it was issued in
+                e_b, _, n_b = book.errors_between(
+                    act.scope, max(act.onset, act.since - span), act.since)
+                act.before = [e_b, float(n_b)]
                 act.verdict = _verdict(e_b, n_b, e_a, n_a, vp.worse_z)
                 res.add(book.record(
                     inc.id, "decision", now,
@@ -635,9 +639,10 @@ class Mitigator:
                     self._lift(book, inc, act, now, res,
                                "made things worse: reverted at once", "worse")
                     continue
-            elif act.verdict in ("same", "unknown"):
-                e_a, _, n_a = book.errors_between(act.scope, now - span, now)
-                if _verdict(e_b, n_b, e_a, n_a, vp.worse_z) == "better":
+            elif act.verdict in ("same", "unknown") and act.before is not None:
+                e_now, _, n_now = book.errors_between(act.scope, now - span, now)
+                if _verdict(act.before[0], act.before[1], e_now, n_now,
+                            vp.worse_z) == "better":
                     act.verdict = "better"
         stuck = [a for a in self._acts(inc.id) if a.kind in LEASED_KINDS
                  and a.verdict != "better" and now - a.since >= vp.improve_within_s]
