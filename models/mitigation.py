@@ -11,12 +11,16 @@ already on stanch.commands) drops the duplicate.
 
 Rules (first match per incident):
 - rollback: a confirmed suspect change (models.changes) and the policy allows it:
-  roll its service back to from_version; nothing else is piled on afterwards. While a
+  roll its service back to from_version, once per incident and per change (it is then
+  no suspect anywhere) with the service's rollback cooldown; nothing a version causes
+  is piled on afterwards, but a surge is judged on its own (throttled). While a
   suspect is still unconfirmed, other actions wait `rollback.evidence_wait_s`.
 - isolate: callers fail on the incident's root (a failing dependency): one isolate per
-  caller, target = the dependency (its circuit opens at the caller). Not when the root
-  itself surges: then the callers' failures are the overload's symptom and the root is
-  throttled instead (isolating would also cut its legitimate traffic).
+  caller, target = the dependency (its circuit opens at the caller), when most of the
+  caller's calls fail already (`isolate.min_failure_share`: an open circuit fails them
+  all). Not when the root itself surges: then the callers' failures are the overload's
+  symptom and the root is throttled instead (isolating would also cut its legitimate
+  traffic).
 - throttle: a traffic surge on an ingress series: rate = the baseline rate (the
   anomaly's expected count per window / window_s) * (1 + headroom), per route.
 - shed: saturation (latency anomalies on a surging service) when throttling is not
@@ -31,6 +35,13 @@ sidecar) and are then removed with a `restore` command; isolations go half-open
 (`isolate` with {"half_open_share": ...}) before a `restore` closes them; shedding is
 removed at once. An anomaly during the ramp steps back one level. When nothing is
 left, the incident is resolved and the per-service cooldown starts.
+
+No harm (docs/mitigation.md): services upstream of an action in force are shaped
+(the book records their anomalies without counting them, detectors do not learn from
+them); an isolation probes half-open once its target is quiet for `restore.step_s`;
+each throttle, isolation or shed is judged on its scope's error responses before and
+after it (`[verify]`): worse is reverted at once, not better within `improve_within_s`
+is lifted and escalated; no renewal without fresh telemetry of the action's service.
 
 Leases: every command carries expires_at = now + lease_s; while a mitigation is still
 needed it is renewed every `renew_every_s` with a NEW command (next seq, same kind,
@@ -819,6 +830,7 @@ class Mitigator:
             "pending": {k: d.to_dict() for k, d in self._pending.items()},
             "approved": sorted(self._approved), "noted": sorted(self._noted),
             "cooldown": dict(self._cooldown), "rolled_back": sorted(self._rolled_back),
+            "reverted": sorted(self._reverted), "lifted": dict(self._lifted),
         }
 
     @classmethod
@@ -832,6 +844,8 @@ class Mitigator:
         m._noted = set(d["noted"])
         m._cooldown = dict(d["cooldown"])
         m._rolled_back = set(d["rolled_back"])
+        m._reverted = set(d.get("reverted", ()))
+        m._lifted = {str(k): float(v) for k, v in d.get("lifted", {}).items()}
         return m
 
 

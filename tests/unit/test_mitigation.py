@@ -851,3 +851,32 @@ def test_a_surge_after_a_rollback_is_judged_on_its_own_and_throttled() -> None:
     assert throttles[0][1].params["rate_per_s"] == pytest.approx(120.0)
     assert len(h.book.incidents()) == 1
     assert h.mit.active() == []
+
+
+@pytest.mark.parametrize("cut", [103, 108, 112, 150])
+def test_restart_keeps_verdicts_shaped_spans_and_probes(cut: int) -> None:
+    """The no-harm state (verdicts, reverted actions, shaped spans, the ledger, probes)
+    is in the snapshot: a worker restarted at `cut` decides what an uninterrupted one
+    does, in a run with a harmful isolation reverted and gateway shaped upstream."""
+    def checkout_errors(h: Harness, t: int) -> int:
+        isolating = h.issued("isolate") and not h.issued("restore")
+        return 80 if isolating else 5 if 100 <= t < 190 else 0
+
+    def gateway(h: Harness, t: int) -> list[dict]:
+        return [anomaly("gateway", t, "errors", route="/buy")] if h.issued("isolate") \
+            and t < 140 else []
+
+    scenario = dep_down(checkout_errors=checkout_errors, extra=gateway)
+    ref = Harness()
+    ref.run(0, 300, scenario)
+    assert any("worse" in d.reason for _, d in ref.decisions)
+    h = Harness()
+    h.run(0, cut, scenario)
+    snap = json.loads(json.dumps({"book": h.book.to_state(), "mit": h.mit.to_state()}))
+    again = Harness()
+    again.book = IncidentBook.from_state(snap["book"], again.policy)
+    again.mit = Mitigator.from_state(snap["mit"], again.policy)
+    again.decisions, again.entries = list(h.decisions), list(h.entries)
+    again.run(cut, 300, scenario)
+    assert again.decisions == ref.decisions
+    assert [e["id"] for e in again.entries] == [e["id"] for e in ref.entries]
