@@ -631,9 +631,11 @@ class Mitigator:
                 if n_a < vp.compare_windows and now < t0 + 2 * span:
                     continue  # windows still arriving (the decider merges topics)
                 # what the scope served before: the windows since onset, at most
-                # verify.compare_windows of them, before the one it was issued in
+                # verify.compare_windows of them, up to the one it was decided on (the
+                # newest window seen then: closed before the decision, so wholly before)
+                w = self._window_s(inc)
                 e_b, _, n_b = book.errors_between(
-                    act.scope, max(act.onset, act.since - span), act.since)
+                    act.scope, max(act.onset, act.since + w - span), act.since + w)
                 act.before = [e_b, float(n_b)]
                 act.verdict = _verdict(e_b, n_b, e_a, n_a, vp.worse_z)
                 res.add(book.record(
