@@ -50,7 +50,7 @@ from typing import Any
 import orjson
 
 from models.aggregation import WindowAggregator, series_of
-from models.fleet import Fleet, FleetConfig, default_fleet_config
+from models.fleet import Fleet, FleetConfig, FleetOutput, default_fleet_config
 from models.incidents import IncidentBook
 from models.scenarios import SCENARIO_NAMES, build_scenario, labels_for
 from models.series import DetectorConfig, Finding, SeriesDetector
@@ -112,6 +112,82 @@ def _close_idle_at(agg: WindowAggregator, partition: Any, *, now: float) -> list
     return agg.close_idle(partition, now)
 
 
+class OfflinePipeline:
+    """Aggregation and detection exactly as the agents chain them, fed one interval of
+    fleet output at a time (``feed``): records go through the same ``schemas.records``
+    parsers, windows close on the watermark and, after ``IDLE_FLUSH_S`` without input,
+    on the simulated clock (the agent's idle flush), and every closed window is scored
+    by its series' ``SeriesDetector`` in event-time order. ``mitigated(service)``
+    is the detection agent's hook: windows of a mitigated service are scored, not
+    learned. Used by ``run_pipeline`` and by the offline closed loop
+    (``app.closed_loop``)."""
+
+    def __init__(self, *, window_s: float = 1.0, grace_s: float = 2.0,
+                 detector_config: DetectorConfig | None = None,
+                 mitigated: Callable[[str], bool] | None = None) -> None:
+        self.agg = WindowAggregator(window_s=window_s, grace_s=grace_s)
+        self.cfg = detector_config or DetectorConfig()
+        self.detectors: dict[str, SeriesDetector] = {}
+        self.mitigated = mitigated
+        self.windows = 0
+        self.events = 0
+        self._last_input: dict[str, float] = {}
+
+    def _detect(self, summaries: list[dict[str, Any]]
+                ) -> list[tuple[dict[str, Any], list[Finding]]]:
+        scored = []
+        for summary in summaries:
+            key = series_of(summary)
+            det = self.detectors.get(key)
+            if det is None:
+                det = self.detectors[key] = SeriesDetector(key, self.cfg)
+            hook = self.mitigated
+            found = det.update(summary, mitigated=bool(hook and hook(summary["service"])))
+            self.windows += 1
+            scored.append((summary, found))
+        return scored
+
+    @staticmethod
+    def _closed(partitions: Sequence[str], close: Callable[[str], list[dict[str, Any]]]
+                ) -> list[dict[str, Any]]:
+        out = [s for p in partitions for s in close(p)]
+        # several partitions close the same window: score in event-time order like a
+        # worker reading them would (per series the order is what matters, and it is kept)
+        out.sort(key=lambda s: s["window_start"])
+        return out
+
+    def feed(self, out: FleetOutput, t1: float) -> list[tuple[dict[str, Any], list[Finding]]]:
+        """One interval of fleet output ending at ``t1``: the windows it closed, scored."""
+        agg = self.agg
+        touched: list[str] = []
+        for service, batch in out.requests.items():
+            part = f"requests:{service}"
+            agg.add_requests(part, [parse_request(e) for e in batch], now=t1)
+            self.events += len(batch)
+            touched.append(part)
+        errors_by_service: dict[str, list[ErrorEvent]] = {}
+        for e in out.errors:
+            errors_by_service.setdefault(e["service"], []).append(ErrorEvent.from_dict(e))
+        for service, errs in errors_by_service.items():
+            part = f"errors:{service}"
+            agg.add_errors(part, errs, now=t1)
+            self.events += len(errs)
+            touched.append(part)
+        for part in touched:
+            self._last_input[part] = t1
+        ready = self._closed(touched, agg.close_ready)
+        # the idle flush, on simulated time (the live agent's wall clock at speed 1)
+        idle = [p for p, at in self._last_input.items() if t1 - at >= IDLE_FLUSH_S]
+        ready += self._closed(idle, functools.partial(_close_idle_at, agg, now=t1))
+        ready.sort(key=lambda s: s["window_start"])
+        return self._detect(ready)
+
+    def finish(self) -> list[tuple[dict[str, Any], list[Finding]]]:
+        """Close and score every window still open (the end of the run)."""
+        return self._detect(self._closed(self.agg.partitions(),  # type: ignore[arg-type]
+                                         self.agg.close_all))
+
+
 def run_pipeline(config: FleetConfig, scenario_name: str, *, seed: int, duration_s: float,
                  tick_s: float = 0.5, onset_s: float = QUALITY_ONSET_S,
                  detector_config: DetectorConfig | None = None, window_s: float = 1.0,
@@ -127,67 +203,29 @@ def run_pipeline(config: FleetConfig, scenario_name: str, *, seed: int, duration
     findings)`` sees every scored window (for diagnosis)."""
     scenario = build_scenario(scenario_name, config, onset_s=onset_s)
     fleet = Fleet(config, scenario, seed)
-    agg = WindowAggregator(window_s=window_s, grace_s=grace_s)
-    cfg = detector_config or DetectorConfig()
-    detectors: dict[str, SeriesDetector] = {}
+    pipeline = OfflinePipeline(window_s=window_s, grace_s=grace_s,
+                               detector_config=detector_config)
     run = PipelineRun()
     watch = _GapWatch() if watch_gaps else None
     wall0 = time.perf_counter()
 
-    def detect(summaries: list[dict[str, Any]]) -> None:
-        for summary in summaries:
-            key = series_of(summary)
-            det = detectors.get(key)
-            if det is None:
-                det = detectors[key] = SeriesDetector(key, cfg)
-            found = det.update(summary)
-            run.windows += 1
-            if found:
-                run.findings.extend(found)
+    def collect(scored: list[tuple[dict[str, Any], list[Finding]]]) -> None:
+        for summary, found in scored:
+            run.findings.extend(found)
             if watch is not None:
                 watch.on_window(summary, found)
             if on_window is not None:
                 on_window(summary, found)
 
-    def closed(partitions: Sequence[str], close: Callable[[str], list[dict[str, Any]]]
-               ) -> list[dict[str, Any]]:
-        out = [s for p in partitions for s in close(p)]
-        # several partitions close the same window: score in event-time order like a
-        # worker reading them would (per series the order is what matters, and it is kept)
-        out.sort(key=lambda s: s["window_start"])
-        return out
-
-    last_input: dict[str, float] = {}
     t = config.start_ts
     end = config.start_ts + duration_s
     while t < end - 1e-9:
         t1 = min(end, t + tick_s)
-        out = fleet.events_between(t, t1)
-        touched: list[str] = []
-        for service, batch in out.requests.items():
-            part = f"requests:{service}"
-            agg.add_requests(part, [parse_request(e) for e in batch], now=t1)
-            run.events += len(batch)
-            touched.append(part)
-        errors_by_service: dict[str, list[ErrorEvent]] = {}
-        for e in out.errors:
-            errors_by_service.setdefault(e["service"], []).append(ErrorEvent.from_dict(e))
-        for service, errs in errors_by_service.items():
-            part = f"errors:{service}"
-            agg.add_errors(part, errs, now=t1)
-            run.events += len(errs)
-            touched.append(part)
-        for part in touched:
-            last_input[part] = t1
-        ready = closed(touched, agg.close_ready)
-        # the idle flush, on simulated time (the live agent's wall clock at speed 1)
-        idle = [p for p, at in last_input.items() if t1 - at >= IDLE_FLUSH_S]
-        ready += closed(idle, functools.partial(_close_idle_at, agg, now=t1))
-        ready.sort(key=lambda s: s["window_start"])
-        detect(ready)
+        collect(pipeline.feed(fleet.events_between(t, t1), t1))
         t = t1
-    detect(closed(agg.partitions(), agg.close_all))  # type: ignore[arg-type]
-    run.series = set(detectors)
+    collect(pipeline.finish())
+    run.windows, run.events = pipeline.windows, pipeline.events
+    run.series = set(pipeline.detectors)
     run.gaps = watch.gaps if watch is not None else []
     run.wall_s = time.perf_counter() - wall0
     run.simulated_s = duration_s

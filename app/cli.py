@@ -277,6 +277,24 @@ def bench_mitigate(as_json: bool, runs: int) -> None:
     sys.exit(bench_mitigate_main(as_json, runs=runs))
 
 
+@bench.command("scenarios")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@click.option("--scenario", "scenarios", multiple=True,
+              help="Only this scenario (repeatable); default: all eight.")
+@click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
+def bench_scenarios(as_json: bool, scenarios: tuple[str, ...], seeds: str) -> None:
+    """Every scenario x seed in the offline closed loop, each against no Stanch."""
+    from app.bench_scenarios import bench_scenarios_main
+    from models.scenarios import SCENARIO_NAMES
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r}: comma-separated integers",
+                                 param_hint="--seeds") from None
+    sys.exit(bench_scenarios_main(as_json, scenarios or SCENARIO_NAMES, seed_list))
+
+
 @bench.command(
     "quality",
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},

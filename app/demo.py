@@ -8,13 +8,15 @@ pair first: the worker gets the private key (STANCH_SIGNING_KEY_FILE), the sidec
 directory holding only the public key (STANCH_TRUSTED_KEYS_DIR), so the sidecars start
 in parallel with the worker.
 
-Enforcement goes only through the sidecars: each consumes stanch.commands, verifies,
-applies and acks like in production. The fleet model follows what they enforce: every
-tick the demo reads each sidecar's ``/_stanch/status`` and makes the fleet's active
-throttles, sheds and isolations equal to the sidecar's (a lease the sidecar lets lapse
-lapses in the fleet too). A rollback runs the sidecar's rollback hook, a webhook
-served by the demo that rolls the fleet model back; the hook's answer becomes the
-sidecar's ack. The demo's web host is also the sidecars' upstream.
+Enforcement: each sidecar consumes stanch.commands, verifies, applies and acks like in
+production. The fleet's traffic is simulated and cannot pass through their proxies, so
+the fleet enforces the same commands with the sidecar's own code
+(``models.fleet.FleetSidecars``: ``CommandGate`` + ``EnforcementTable``, one engine),
+and every tick the demo checks that it holds exactly what each sidecar's
+``/_stanch/status`` lists (``sidecars.enforcement_agreement``). A rollback runs the
+sidecar's rollback hook, a webhook served by the demo that rolls the fleet model back;
+the hook's answer becomes the sidecar's ack. The demo's web host is also the sidecars'
+upstream.
 
 Clocks: the fleet runs in simulated time, ``speed`` times faster than the wall clock.
 Commands carry leases in the event time of the data (agents.mitigation), so the
@@ -28,7 +30,9 @@ mapped to the simulated clock the fleet was at then.
 errors_avoided: the same fleet (same seed, same scenario, same start) is replayed
 offline with no command applied (pure models.fleet, no Kafka), and the error
 responses (status >= 500) served by any service are compared over the same simulated
-span. Requests refused by a throttle (429) are not counted as errors either way.
+span. Requests refused by a throttle (429) are not counted as errors either way. Slow
+responses and actions still in force at the end are counted as ``stanch bench
+scenarios`` counts them (``app.closed_loop``).
 
 ``run_closed_loop`` without sidecars plays them in-process (``_Enforcer``): the scenario
 tests and ``stanch bench mitigate`` use that to keep their run time down.
@@ -60,9 +64,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from app.processes import ProcessRunner, settings_env
 from app.settings import Settings, load_settings
 from app.sidecar.main import SimulatedClock
+from app.simulate import CommandFeed
 
 if TYPE_CHECKING:
-    from models.fleet import Fleet, ServiceSpec
+    from app.closed_loop import IngressLog
+    from models.fleet import Fleet, FleetSidecars, ServiceSpec
 
 SCENARIOS = ("bad-deploy", "traffic-surge", "dependency-failure", "latency-spike",
              "error-burst", "slow-degradation", "telemetry-gap", "clean")
@@ -229,75 +235,16 @@ def _health(admin_url: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _enforcement_key(e: dict[str, Any]) -> bytes:
-    """What makes an enforcement the same for the fleet: a ramp changes params."""
-    return orjson.dumps([e.get("kind"), e.get("target"), e.get("params"), e.get("expires_at")],
-                        option=orjson.OPT_SORT_KEYS)
-
-
-class FleetFollower:
-    """Makes the fleet model enforce what the sidecars report, service by service.
-
-    Pure (no I/O): given a sidecar's ``active`` list (``/_stanch/status``), followed per
-    (kind, key) like the sidecar's own table. A renewal (new command id, later lease)
-    or a ramp (new rate or share) replaces the fleet's command; a key the sidecar no
-    longer lists, or whose lease has passed, is lifted from the fleet: the sidecar is
-    the only source of truth, so a lease that lapses there lapses in the fleet.
-    """
-
-    def __init__(self) -> None:
-        # service -> (kind, key) -> (command id, what the fleet was given)
-        self.followed: dict[str, dict[tuple[str, str], tuple[str, bytes]]] = {}
-        self._shown: dict[tuple[str, str, str], str] = {}  # last params printed per key
-        self.changes = 0
-        self.rejected: list[str] = []
-
-    def follow(self, fleet: Fleet, service: str, active: Sequence[Any],
-               now: float) -> list[str]:
-        """Apply one sidecar's status at simulated time ``now``; returns what changed
-        (renewals stay quiet)."""
-        said: list[str] = []
-        wanted: dict[tuple[str, str], dict[str, Any]] = {}
-        for e in active:
-            if isinstance(e, dict) and isinstance(e.get("expires_at"), int | float) \
-                    and e["expires_at"] > now:
-                wanted[(str(e.get("kind")), str(e.get("key")))] = e
-        followed = self.followed.setdefault(service, {})
-        for slot, (cid, given) in list(followed.items()):
-            in_force = wanted.get(slot)
-            if in_force is not None and in_force.get("command_id") == cid \
-                    and _enforcement_key(in_force) == given:
-                continue
-            del followed[slot]
-            fleet.apply_command({"kind": "restore", "service": service, "target": cid,
-                                 "params": {}}, now=now)
-            if in_force is None:
-                self.changes += 1
-                self._shown.pop((service, *slot), None)
-                said.append(f"lifted {slot[0]} {slot[1]} (restored or lease ended)")
-        for slot, e in wanted.items():
-            if slot in followed:
-                continue
-            cid = str(e.get("command_id"))
-            followed[slot] = (cid, _enforcement_key(e))
-            command = {"id": cid, "kind": e.get("kind"), "service": service,
-                       "target": e.get("target"), "params": e.get("params") or {},
-                       "expires_at": e["expires_at"]}
-            result = fleet.apply_command(command, now=now)
-            if result.status != "applied":
-                self.rejected.append(f"{cid}: {result.reason}")
-            params = orjson.dumps(e.get("params") or {}).decode()
-            if self._shown.get((service, *slot)) != params or result.status != "applied":
-                self.changes += 1
-                said.append(f"enforces {slot[0]} {slot[1]} {params} (lease "
-                            f"{e['expires_at'] - now:.0f} s): fleet {result.status}")
-            self._shown[(service, *slot)] = params
-        return said
-
-
 class _SidecarBridge:
     """The demo's side of the sidecars: their upstream, their rollback webhook, and the
-    fleet model following what they enforce (read from ``/_stanch/status`` every tick).
+    fleet's own copy of their enforcement.
+
+    The fleet's traffic is simulated, so it cannot pass through the sidecars' proxies;
+    instead the fleet reads the same commands topic and applies every command through
+    the sidecar's own code (``models.fleet.FleetSidecars``: ``CommandGate`` and
+    ``EnforcementTable``), leaving rollbacks to the real sidecars' webhook. Every tick
+    the demo also reads each sidecar's ``/_stanch/status`` and checks that the fleet
+    enforces the same commands (``enforcement_agreement`` in the summary).
 
     The fleet is only touched from the simulation's event loop (ticks and the webhook
     handler run on it), so no lock is needed.
@@ -312,7 +259,10 @@ class _SidecarBridge:
         self.onset = onset
         self.say = say
         self.fleet: Fleet | None = None
-        self.follower = FleetFollower()
+        self.enforcer: FleetSidecars | None = None
+        self.feed = CommandFeed(sidecars.settings)
+        self.agreement = {"checks": 0, "same": 0}
+        self.differences: list[str] = []
         self.status: dict[str, dict[str, Any]] = {}
         self.polls = 0
         self.poll_failures = 0
@@ -323,6 +273,7 @@ class _SidecarBridge:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        await self.feed.start()
         app = web.Application()
         app.router.add_post("/rollback/{service}", self._rollback)
         app.router.add_route("*", "/upstream/{service}/{tail:.*}", self._upstream)
@@ -333,6 +284,7 @@ class _SidecarBridge:
             timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S))
 
     async def stop(self) -> None:
+        await self.feed.stop()
         if self._http is not None:
             await self._http.close()
         if self._runner is not None:
@@ -340,16 +292,36 @@ class _SidecarBridge:
 
     # ------------------------------------------------------------------ per tick
     async def follow(self, fleet: Fleet, now: float) -> None:
-        """Read every sidecar's status and make the fleet enforce exactly that."""
+        """Apply the commands that arrived to the fleet through the sidecar's code, then
+        compare what it enforces with what every sidecar reports."""
+        from models.fleet import FleetSidecars
+
         self.fleet = fleet
+        if self.enforcer is None:
+            self.enforcer = FleetSidecars(fleet, self.ring.verify, run_rollbacks=False)
+        for command in self.feed.take():
+            for ack in self.enforcer.deliver(command, None, now):
+                if ack["status"] != "applied" or command.get("kind") != "rollback":
+                    self.say(f"[{self._rel(now)}] fleet: {ack['service']} "
+                             f"{ack['status']} {ack['command_id']} ({ack['reason'][:80]})")
+        fleet.take_lifted()  # the real sidecars send the expiry acks
         await self.poll()
         for proc in self.sidecars.procs:
             status = self.status.get(proc.service)
             if status is None:
                 continue
-            for line in self.follower.follow(fleet, proc.service, status.get("active") or [],
-                                             now):
-                self.say(f"[{self._rel(now)}] fleet: {proc.instance} {line}")
+            theirs = {(str(e.get("kind")), str(e.get("key")), str(e.get("command_id")))
+                      for e in status.get("active") or []
+                      if isinstance(e, dict) and isinstance(e.get("expires_at"), int | float)
+                      and e["expires_at"] > now}
+            ours = {(e.kind, e.key, e.command_id) for e in fleet.tables[proc.service].active()
+                    if e.expires_at > now}
+            self.agreement["checks"] += 1
+            if theirs == ours:
+                self.agreement["same"] += 1
+            elif len(self.differences) < 20:
+                self.differences.append(f"{self._rel(now)} {proc.service}: sidecar "
+                                        f"{sorted(theirs)} fleet {sorted(ours)}")
 
     async def pace(self, next_end: float) -> None:
         """Sleep until the sidecars' clock reaches ``next_end`` (the end of the next
@@ -438,8 +410,11 @@ class _SidecarBridge:
                                      for k, v in counted.items()
                                      if any(n for s, n in v.items() if s != "ignored")},
             "rollbacks": self.rollbacks,
-            "fleet_changes_followed": self.follower.changes,
-            "fleet_rejected": self.follower.rejected,
+            # polls where the fleet's table held exactly the sidecar's commands (a
+            # command reaches them a poll apart now and then: the two read the topic
+            # independently)
+            "enforcement_agreement": dict(self.agreement),
+            "enforcement_differences": self.differences,
             "status_polls": self.polls,
             "status_poll_failures": self.poll_failures,
             "max_clock_lag_s": round(self.max_clock_lag_s, 2),
@@ -534,38 +509,37 @@ async def _watch(settings: Settings, seen: _Seen, say: Callable[[str], None],
 
 
 class _Enforcer:
-    """Plays the sidecars in-process for the simulated fleet: verify, apply, ack (the
-    simulator's command feed reads the topic; this adds what a sidecar adds). The demo
-    uses real sidecars; the scenario tests and ``stanch bench mitigate`` use this."""
+    """Plays the sidecars in-process for the simulated fleet with the sidecar's own code
+    (``models.fleet.FleetSidecars``: gate, enforcement table, acks), reading the
+    commands topic; only the transport differs. The demo uses real sidecars; the
+    scenario tests and ``stanch bench mitigate`` use this."""
 
     def __init__(self, settings: Settings, keys_dir: Path) -> None:
-        from app.simulate import CommandFeed
         from schemas.signing import KeyRing
 
         self.settings = settings
         self.ring = KeyRing.from_dir(keys_dir)
         self.feed = CommandFeed(settings)
+        self.sidecars: FleetSidecars | None = None
         self.applied = 0
         self.rejected = 0
 
     async def start(self) -> None:
         await self.feed.start()
 
-    async def apply(self, fleet: Any, now: float, producer: AIOKafkaProducer) -> None:
-        from schemas.signing import SigningError
+    async def apply(self, fleet: Fleet, now: float, producer: AIOKafkaProducer) -> None:
+        from models.fleet import FleetSidecars
 
+        if self.sidecars is None:
+            self.sidecars = FleetSidecars(fleet, self.ring.verify)
+        acks: list[dict[str, Any]] = []
         for command in self.feed.take():
-            try:
-                self.ring.verify(command)
-                result = fleet.apply_command(command, now=now)
-                status, reason = result.status, result.reason
-            except SigningError as exc:
-                status, reason = "rejected", str(exc)
-            self.applied += status == "applied"
-            self.rejected += status != "applied"
-            ack = {"command_id": str(command.get("id", "?"))[:1024],
-                   "service": str(command.get("service", "?")), "instance": "simulated-fleet",
-                   "status": status, "reason": reason[:4096], "at": now}
+            for ack in self.sidecars.deliver(command, None, now):
+                self.applied += ack["status"] == "applied"
+                self.rejected += ack["status"] != "applied"
+                acks.append(ack)
+        acks += self.sidecars.expiry_acks(now)
+        for ack in acks:
             await producer.send(self.settings.topic("acks"), orjson.dumps(ack),
                                 key=ack["service"].encode())
 
@@ -573,58 +547,22 @@ class _Enforcer:
         await self.feed.stop()
 
 
-def _ingress_errors(output: Any) -> tuple[int, int]:
-    """(error responses, requests) served in one interval, ingress only."""
-    errors = total = 0
-    for events in output.requests.values():
-        for e in events:
-            if e.get("dependency"):
-                continue
-            total += 1
-            errors += e["status"] >= 500
-    return errors, total
-
-
-def offline_errors(scenario: str, seed: int, start_ts: float, duration_s: float,
-                   onset_s: float) -> list[tuple[float, int, int]]:
-    """Per-tick (t0, errors, requests) of the same fleet with no mitigation."""
+def offline_log(scenario: str, seed: int, start_ts: float, duration_s: float,
+                onset_s: float) -> IngressLog:
+    """The ingress responses of the same fleet with no mitigation (same seed, same start)."""
+    from app.closed_loop import IngressLog
     from models.fleet import Fleet, default_fleet_config
     from models.scenarios import build_scenario
 
     config = default_fleet_config(None, start_ts=start_ts)
     fleet = Fleet(config, build_scenario(scenario, config, onset_s=onset_s), seed)
-    out: list[tuple[float, int, int]] = []
+    log = IngressLog()
     t = start_ts
     while t < start_ts + duration_s - 1e-9:
         t1 = min(start_ts + duration_s, t + TICK_S)
-        errors, total = _ingress_errors(fleet.events_between(t, t1))
-        out.append((t, errors, total))
+        log.add(t, fleet.events_between(t, t1))
         t = t1
-    return out
-
-
-def recovery_time(series: list[tuple[float, int, int]], onset: float,
-                  after: float | None) -> float | None:
-    """First time >= ``after`` from which the 10 s error rate stays within the pre-onset
-    baseline (max(2 x baseline, baseline + 1 %)) until the end of the run."""
-    if after is None:
-        return None
-    before = [(e, n) for t, e, n in series if t < onset]
-    base = sum(e for e, _ in before) / max(1, sum(n for _, n in before))
-    limit = max(2 * base, base + 0.01)
-    span = int(round(10.0 / TICK_S))
-    ok_from: float | None = None
-    for i, (t, _, _) in enumerate(series):
-        if t < after:
-            continue
-        chunk = series[i:i + span]
-        errs, reqs = sum(c[1] for c in chunk), sum(c[2] for c in chunk)
-        good = reqs == 0 or errs / reqs <= limit
-        if good and ok_from is None:
-            ok_from = t
-        elif not good:
-            ok_from = None
-    return ok_from
+    return log
 
 
 # --------------------------------------------------------------------------- the demo
@@ -638,6 +576,7 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
     their trusted (public) keys directory; without, ``_Enforcer`` plays them in-process
     with the keys in ``keys_dir``.
     """
+    from app.closed_loop import IngressLog, recovery_time, restore_time
     from app.simulate import Tick, run_simulation
 
     enforcer: _Enforcer | None = None
@@ -655,7 +594,9 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
     onset = start_ts + onset_s
     clock = _Clock()
     seen = _Seen()
-    live: list[tuple[float, int, int]] = []
+    live = IngressLog()
+    last_fleet: list[Fleet] = []
+    leased_at: list[tuple[float, int]] = []  # (t, enforcements in force in the fleet)
     if sidecars is None:
         enforcer = _Enforcer(settings, keys_dir)
         await enforcer.start()
@@ -669,12 +610,13 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
 
     async def on_tick(tick: Tick) -> None:
         clock.add(time.time(), tick.t1)
-        errors, total = _ingress_errors(tick.output)
-        live.append((tick.t0, errors, total))
+        live.add(tick.t0, tick.output)
+        last_fleet[:] = [tick.fleet]
         if bridge is not None:
             await bridge.follow(tick.fleet, tick.t1)
         elif enforcer is not None:
             await enforcer.apply(tick.fleet, tick.t1, producer)
+        leased_at.append((tick.t1, sum(len(t) for t in tick.fleet.tables.values())))
         wall = time.monotonic()
         if wall - last_progress[0] >= 3.0:
             rate = (seen.windows - last_progress[1]) / max(1e-9, wall - last_progress[0]) \
@@ -705,6 +647,9 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
             await bridge.stop()
         await producer.stop()
 
+    def rel_sim(sim: float | None) -> float | None:
+        return None if sim is None else round(sim - onset, 2)
+
     def rel(wall: float | None) -> float | None:
         sim = clock.sim_at(wall) if wall is not None else None
         return None if sim is None else round(sim - onset, 2)
@@ -713,10 +658,14 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
     opened_after = [w for w in opened if (clock.sim_at(w) or 0) >= onset - 5]
     first_cmd = seen.commands[0][0] if seen.commands else None
     cmd_sim = clock.sim_at(first_cmd) if first_cmd is not None else None
-    recovered = recovery_time(live, onset, cmd_sim)
-    baseline = offline_errors(scenario, seed, start_ts, report.simulated_s, onset_s)
-    errors_live = sum(e for _, e, _ in live)
-    errors_off = sum(e for _, e, _ in baseline)
+    recovered = recovery_time(live.series(), onset, cmd_sim)
+    baseline = offline_log(scenario, seed, start_ts, report.simulated_s, onset_s)
+    errors_live, errors_off = live.errors, baseline.errors
+    slow_ms = baseline.slow_thresholds(onset)  # the healthy tails, without Stanch
+    end = start_ts + report.simulated_s
+    in_force = [{"service": name, "kind": e.kind, "key": e.key, "command_id": e.command_id}
+                for fleet in last_fleet for name, table in fleet.tables.items()
+                for e in table.active() if e.expires_at > end]
     states = {}
     for _, e in seen.entries:
         states[e["incident_id"]] = e["state"]
@@ -728,6 +677,10 @@ async def run_closed_loop(settings: Settings, scenario: str, seed: int, speed: f
         "time_to_recover_s": None if recovered is None else round(recovered - onset, 2),
         "errors_with_stanch": errors_live, "errors_without_stanch": errors_off,
         "errors_avoided": errors_off - errors_live,
+        "slow_with_stanch": live.slow(slow_ms), "slow_without_stanch": baseline.slow(slow_ms),
+        "actions_issued": len(seen.commands),
+        "time_to_restore_s": rel_sim(restore_time(leased_at)),
+        "actions_in_force_at_end": len(in_force), "in_force_at_end": in_force,
         "commands": [{"id": c["id"], "kind": c["kind"], "service": c["service"],
                       "target": c["target"]} for _, c in seen.commands],
         "acks": {s: sum(a.get("status") == s for a in seen.acks)
@@ -820,6 +773,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  time to recover   {f(s['time_to_recover_s'])}",
         f"  error responses   {s['errors_with_stanch']} with Stanch, "
         f"{s['errors_without_stanch']} without (same seed): {s['errors_avoided']} avoided",
+        f"  slow responses    {s.get('slow_with_stanch', '-')} with Stanch, "
+        f"{s.get('slow_without_stanch', '-')} without",
+        f"  time to restore   {f(s.get('time_to_restore_s'))} (no leased action left)",
+        f"  in force at end   {s.get('actions_in_force_at_end', '-')} action(s)",
         f"  commands          {cmds or 'none'}",
         f"  sidecars          {sidecar_line}",
         "  incidents         " + (", ".join(f"{k} ({v})" for k, v in s["incidents"].items())

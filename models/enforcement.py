@@ -20,7 +20,7 @@ Pieces:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -618,6 +618,45 @@ class EnforcementTable:
                     return PASS  # half-open probe
                 return Decision(503, "isolated", isolated=dependency)
         return PASS
+
+    # ------------------------------------------------------------------ batches
+    def ingress_active(self, route: str, now: float) -> bool:
+        """Could any enforcement in force at ``now`` refuse a request on ``route``?"""
+        if any(e.expires_at > now for e in (self._shed_index.get(route), self._shed_all)
+               if e is not None):
+            return True
+        return any(e.expires_at > now for e in (self.throttles.get(route),
+                                                 self.throttles.get(ALL)) if e is not None)
+
+    def admit_ingress(self, routes: Sequence[str], times: Sequence[float]) -> list[int]:
+        """Decide a batch of arrivals, in the order given (callers sort by time): the
+        status of each (0 = forwarded, 429 throttled, 503 shed), exactly what
+        ``decide_ingress`` answers request by request, token buckets and share
+        accumulators included. A route nothing can refuse skips the per-request path
+        (it would only answer PASS and touch no state)."""
+        out = [0] * len(times)
+        if not (self.throttles or self.sheds):
+            return out
+        quiet: dict[str, bool] = {}
+        for i, (route, now) in enumerate(zip(routes, times, strict=True)):
+            # Nothing in force at a route's first arrival stays so for the later ones
+            # (times ascend; commands only arrive between batches); a lease that ends
+            # mid-batch is judged per request by decide_ingress itself.
+            still = quiet.get(route)
+            if still is None:
+                still = quiet[route] = not self.ingress_active(route, now)
+            if not still:
+                out[i] = self.decide_ingress(route, now).status
+        return out
+
+    def admit_egress(self, dependency: str, times: Sequence[float]) -> list[bool]:
+        """Which calls of a batch to ``dependency`` go out (True) or fail fast (False),
+        in the order given: exactly ``decide_egress`` request by request (the half-open
+        share included)."""
+        entry = self.isolates.get(dependency)
+        if entry is None:
+            return [True] * len(times)
+        return [self.decide_egress(dependency, now).passes for now in times]
 
 
 def _share_of(entry: Enforcement) -> float:

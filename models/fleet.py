@@ -29,16 +29,24 @@ dicts in bulk, which keeps generation well above 50,000 events per second.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from models.enforcement import (
+    CommandError,
+    CommandGate,
+    Enforcement,
+    EnforcementTable,
+    ParsedCommand,
+    parse_command,
+)
 
 if TYPE_CHECKING:  # scenarios imports this module at run time; only types flow back.
     from models.scenarios import Scenario
 
-COMMAND_KINDS = ("throttle", "rollback", "isolate", "restore", "shed")
 REJECT_LATENCY_MS = (0.3, 1.5)  # a sidecar refusing a request answers in about a millisecond
 FAIL_FAST_LATENCY_MS = (0.5, 1.5)
 
@@ -357,15 +365,6 @@ class CommandResult:
 
 
 @dataclass
-class _ActiveCommand:
-    id: str
-    kind: str
-    target: str | None
-    params: dict[str, Any]
-    expires_at: float
-
-
-@dataclass
 class _Batch:
     """One (service, route) for one tick: arrivals in pass 1, outcomes in pass 2."""
 
@@ -424,7 +423,10 @@ class Fleet:
         self._timeline: list[tuple[float, int, str, dict[str, Any]]] = []
         self._seq = 0
         self._pending_changes: list[dict[str, Any]] = []
-        self._commands: dict[str, list[_ActiveCommand]] = {s.name: [] for s in config.services}
+        # what the sidecars in front of each service enforce: one table per service, the
+        # fleet-wide budget of its instances (a throttle caps the service's total rate)
+        self.tables = {s.name: EnforcementTable() for s in config.services}
+        self._lifted: list[tuple[str, Enforcement]] = []
         self._capacity = self._peak_capacity()
         self._now = config.start_ts
         for deploy in scenario.deploys():
@@ -444,9 +446,9 @@ class Fleet:
     def active_commands(self, service: str, now: float) -> list[dict[str, Any]]:
         """Commands still in force on ``service`` at ``now`` (for status pages and tests)."""
         return [
-            {"id": c.id, "kind": c.kind, "target": c.target, "params": dict(c.params),
-             "expires_at": c.expires_at}
-            for c in self._commands[service] if c.expires_at > now
+            {"id": e.command_id, "kind": e.kind, "target": e.target, "params": dict(e.params),
+             "expires_at": e.expires_at}
+            for e in self.tables[service].active() if e.expires_at > now
         ]
 
     def expected_rate(self, service: str, offset_s: float) -> float:
@@ -462,6 +464,8 @@ class Fleet:
         if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
             raise ValueError(f"events_between: need finite t0 < t1, got t0={t0!r} t1={t1!r}")
         out = FleetOutput()
+        for name, table in self.tables.items():
+            self._lifted.extend((name, e) for e in table.expire(t0))
         self._run_timeline(t0, out)
         out.changes.extend(self._pending_changes)
         self._pending_changes = []
@@ -474,77 +478,49 @@ class Fleet:
         return out
 
     def apply_command(self, command: Mapping[str, Any], now: float) -> CommandResult:
-        """Apply an enforcement command (a dict shaped like DESIGN.md's command; the
-        signature is the sidecar's business, not checked here). Never raises: a bad
-        command comes back as ``rejected`` with the field and the reason."""
+        """Apply an enforcement command (a dict shaped like DESIGN.md's command) the way
+        a sidecar in front of the service does once its gate let it through: through
+        ``models.enforcement.EnforcementTable`` (one per service: the fleet-wide budget
+        of its instances). The signature is the gate's business (``FleetSidecars``), not
+        checked here. Never raises: a bad command comes back as ``rejected`` with the
+        field and the reason; a rollback the fleet cannot run as ``failed``."""
         try:
-            return self._apply_command(command, now)
-        except (TypeError, ValueError, KeyError) as exc:  # malformed field values
+            cmd = parse_command(command)
+        except CommandError as exc:
             return CommandResult("rejected", f"bad command: {exc}")
+        return self.apply_parsed(cmd, now)
+
+    def apply_parsed(self, cmd: ParsedCommand, now: float, *,
+                     run_rollback: bool = True) -> CommandResult:
+        """``apply_command`` for a command already parsed (and verified by a gate).
+        ``run_rollback=False`` leaves a rollback to someone else (the demo's real
+        sidecars run it through their webhook)."""
+        table = self.tables.get(cmd.service)
+        if table is None:
+            return CommandResult("rejected", f"service={cmd.service!r}: not in this fleet")
+        if cmd.expires_at <= now:
+            return CommandResult("expired", f"expires_at={cmd.expires_at} <= now={now}")
+        outcome = table.apply(cmd, now)
+        if not outcome.run_rollback:
+            return CommandResult(outcome.status, outcome.reason)
+        if not run_rollback:  # not claimed: the hook's own apply_command runs it
+            return CommandResult("applied", "rollback left to the sidecar's hook")
+        table.mark_rollback_done(cmd.id)  # claimed: never started twice, as the sidecar
+        return self._rollback(cmd.service, cmd.target, cmd.id, now)
+
+    def take_lifted(self) -> list[tuple[str, Enforcement]]:
+        """(service, enforcement) whose lease passed since the last call: lifted (fail
+        open) at the start of the tick that passed it, as the sidecar's expiry loop
+        does (the answer feeds the expiry acks)."""
+        lifted, self._lifted = self._lifted, []
+        return lifted
 
     # ------------------------------------------------------------------ commands
-
-    def _apply_command(self, command: Mapping[str, Any], now: float) -> CommandResult:
-        if not isinstance(command, Mapping):
-            return CommandResult("rejected", f"command: expected an object, got {command!r}")
-        kind = command.get("kind")
-        if kind not in COMMAND_KINDS:
-            return CommandResult("rejected", f"kind={kind!r}: must be one of {COMMAND_KINDS}")
-        service = command.get("service")
-        if service not in self._specs:
-            return CommandResult("rejected", f"service={service!r}: not in this fleet")
-        expires_at = command.get("expires_at")
-        if expires_at is None:
-            expires_at = math.inf
-        if not _is_number(expires_at) or math.isnan(expires_at):
-            return CommandResult("rejected", f"expires_at={expires_at!r}: must be a number")
-        if expires_at <= now:
-            return CommandResult("expired", f"expires_at={expires_at} <= now={now}")
-        params = command.get("params") or {}
-        if not isinstance(params, Mapping):
-            return CommandResult("rejected", f"params={params!r}: must be an object")
-        target = command.get("target")
-        command_id = str(command.get("id") or f"{kind}:{service}:{now:.3f}")
-        active = _ActiveCommand(command_id, kind, target, dict(params), float(expires_at))
-        if kind == "rollback":
-            return self._rollback(service, target, command_id, now)
-        if kind == "throttle":
-            rate = params.get("rate_per_s")
-            if not _is_number(rate) or not 0 <= rate < math.inf:
-                return CommandResult("rejected", f"params.rate_per_s={rate!r}: must be a "
-                                                 "finite number >= 0")
-            route = params.get("route") or (target if target in self._paths(service) else None)
-            if route is not None and route not in self._paths(service):
-                return CommandResult("rejected", f"params.route={route!r}: not a route of "
-                                                 f"{service}")
-            active.params["route"] = route
-        elif kind == "isolate":
-            callees = {c.service for r in self._specs[service].routes for c in r.calls}
-            if target not in callees:
-                return CommandResult("rejected", f"target={target!r}: {service} does not "
-                                                 f"call it (calls {sorted(callees)})")
-        elif kind == "shed":
-            share = params.get("share")
-            if not _is_number(share) or not 0.0 <= share <= 1.0:
-                return CommandResult("rejected", f"params.share={share!r}: must be in [0, 1]")
-            routes = params.get("routes") or []
-            if not isinstance(routes, list):
-                return CommandResult("rejected", f"params.routes={routes!r}: must be a list")
-            unknown = [r for r in routes if r not in self._paths(service)]
-            if unknown:
-                return CommandResult("rejected", f"params.routes: unknown routes {unknown}")
-        elif kind == "restore":
-            return self._restore(service, target, params, now)
-        self._commands[service].append(active)
-        return CommandResult("applied", f"{kind} {service} until {expires_at}")
-
-    def _paths(self, service: str) -> set[str]:
-        return {r.path for r in self._specs[service].routes}
 
     def _rollback(self, service: str, target: Any, command_id: str, now: float) -> CommandResult:
         version = _parse_version(target) if target is not None else self._stable_version[service]
         if version is None:
-            return CommandResult("rejected", f"target={target!r}: expected a version like 'v41'")
+            return CommandResult("failed", f"target={target!r}: expected a version like 'v41'")
         current = self._versions[service]
         if bool(np.all(current == version)):
             return CommandResult("applied", f"{service} already on v{version}")
@@ -559,42 +535,6 @@ class Fleet:
             "author": "stanch", "description": f"rollback by command {command_id}",
         })
         return CommandResult("applied", f"{service} rolled back to v{version}")
-
-    def _restore(self, service: str, target: Any, params: Mapping[str, Any],
-                 now: float) -> CommandResult:
-        """Undo mitigations on ``service``: those matching a kind (``params.kind``, or a
-        kind given as target) and/or an aim (``params.target`` or the target: a command
-        id, a dependency, a route); neither = everything. ``params.step`` ramps instead
-        of removing: throttle caps grow by (1 + step), shed shares shrink by
-        (1 - step); step >= 1 removes."""
-        step = params.get("step")
-        if step is not None and not (_is_number(step) and step > 0):
-            return CommandResult("rejected", f"params.step={step!r}: must be in (0, 1]")
-        active = [c for c in self._commands[service] if c.expires_at > now]
-        kind = params.get("kind") or (target if target in COMMAND_KINDS else None)
-        aim = params.get("target") or (target if target not in COMMAND_KINDS else None)
-
-        def matches(c: _ActiveCommand) -> bool:
-            if aim is not None and c.id == aim:
-                return True
-            return (kind is None or c.kind == kind) and (
-                aim is None or aim in (c.target, c.params.get("route")))
-
-        chosen = [c for c in active if matches(c)]
-        if not chosen:
-            return CommandResult("applied", f"nothing to restore on {service}")
-        if step is None or step >= 1.0:
-            self._commands[service] = [c for c in self._commands[service] if c not in chosen]
-            return CommandResult("applied", f"removed {[c.id for c in chosen]}")
-        for c in chosen:
-            if c.kind == "throttle":
-                c.params["rate_per_s"] = float(c.params["rate_per_s"]) * (1.0 + step)
-            elif c.kind == "shed":
-                c.params["share"] = float(c.params["share"]) * (1.0 - step)
-        return CommandResult("applied", f"stepped {[c.id for c in chosen]} by {step}")
-
-    def _in_force(self, service: str, kind: str, t: float) -> list[_ActiveCommand]:
-        return [c for c in self._commands[service] if c.kind == kind and c.expires_at > t]
 
     # ------------------------------------------------------------------ deploys
 
@@ -678,24 +618,20 @@ class Fleet:
         expected_in: dict[tuple[str, str], float] = {}
         batches: dict[tuple[str, str], _Batch] = {}
         utilisation: dict[str, float] = {}
-        now = t0
         for index, name in enumerate(self._order):
             spec = self._specs[name]
+            table = self.tables[name]
             total_weight = sum(r.weight for r in spec.routes) or 1.0
             surge = self.scenario.traffic_multiplier(name, offset)
-            sheds = self._in_force(name, "shed", now)
-            throttles = self._in_force(name, "throttle", now)
-            isolated = {c.target for c in self._in_force(name, "isolate", now)}
             offered: dict[str, float] = {}
-            for route in spec.routes:
-                external = (cfg.base_rate_per_s * spec.external_share * route.weight
-                            / total_weight * diurnal * float(noise[index]))
-                normal = external + expected_in.get((name, route.path), 0.0)
-                offered[route.path] = normal * surge
-            service_offered = sum(offered.values())
-            accepted_total = 0.0
+            arrived: list[tuple[RouteSpec, np.ndarray, dict[tuple[str, str], tuple[int, int]]]]
+            arrived = []
             for route in spec.routes:
                 key = (name, route.path)
+                external = (cfg.base_rate_per_s * spec.external_share * route.weight
+                            / total_weight * diurnal * float(noise[index]))
+                normal = external + expected_in.get(key, 0.0)
+                offered[route.path] = normal * surge
                 extra = offered[route.path] - expected_in.get(key, 0.0)
                 n_ext = int(rng.poisson(max(0.0, extra) * dt))
                 parts = [t0 + rng.random(n_ext) * dt]
@@ -705,47 +641,54 @@ class Fleet:
                     parts.append(ts)
                     sources[(caller, caller_route)] = (start, start + len(ts))
                     start += len(ts)
-                ts_all = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                arrived.append((route, np.concatenate(parts) if len(parts) > 1 else parts[0],
+                                sources))
+            pres = self._admit(table, arrived)
+            accepted_total = 0.0
+            for (route, ts_all, sources), pre in zip(arrived, pres, strict=True):
                 n = len(ts_all)
-                pre = np.zeros(n, dtype=np.int64)
-                accept_share = 1.0
-                for shed in sheds:
-                    routes = shed.params.get("routes") or []
-                    if routes and route.path not in routes:
-                        continue
-                    share = float(shed.params["share"])
-                    pre[(pre == 0) & (rng.random(n) < share)] = 503
-                    accept_share *= 1.0 - share
-                cap_share = 1.0
-                for throttle in throttles:
-                    scope = throttle.params.get("route")
-                    if scope is not None and scope != route.path:
-                        continue
-                    base = offered[route.path] if scope else service_offered
-                    base *= accept_share
-                    if base > 0:
-                        cap_share = min(cap_share, float(throttle.params["rate_per_s"]) / base)
-                if cap_share < 1.0:
-                    pre[(pre == 0) & (rng.random(n) >= cap_share)] = 429
-                    accept_share *= cap_share
-                accepted_rate = offered[route.path] * accept_share
+                accepted = pre == 0
+                # the share the sidecar let in, applied to the expected rate (utilisation
+                # and the callees' expected arrivals stay free of one tick's noise)
+                accepted_rate = offered[route.path] * (float(accepted.mean()) if n else 1.0)
                 accepted_total += accepted_rate
                 batch = _Batch(name, route, ts_all, pre, sources)
-                accepted = pre == 0
                 for call in route.calls:
                     idx = np.flatnonzero(accepted & (rng.random(n) < call.probability))
-                    cut = call.service in isolated
-                    batch.calls.append((call, idx, cut))
-                    if not cut:
-                        ckey = (call.service, call.route)
-                        delay = cfg.network_ms / 1000.0 * (0.5 + rng.random(len(idx)))
-                        incoming.setdefault(ckey, []).append(
-                            (name, route.path, ts_all[idx] + delay))
-                        expected_in[ckey] = (expected_in.get(ckey, 0.0)
-                                             + accepted_rate * call.probability)
-                batches[key] = batch
+                    out = np.asarray(table.admit_egress(call.service, ts_all[idx].tolist()),
+                                     dtype=bool) if len(idx) else np.ones(0, dtype=bool)
+                    cut, idx = idx[~out], idx[out]
+                    if len(cut):
+                        batch.calls.append((call, cut, True))
+                    batch.calls.append((call, idx, False))
+                    ckey = (call.service, call.route)
+                    delay = cfg.network_ms / 1000.0 * (0.5 + rng.random(len(idx)))
+                    incoming.setdefault(ckey, []).append(
+                        (name, route.path, ts_all[idx] + delay))
+                    passed = float(out.mean()) if len(out) else 1.0
+                    expected_in[ckey] = (expected_in.get(ckey, 0.0)
+                                         + accepted_rate * call.probability * passed)
+                batches[(name, route.path)] = batch
             utilisation[name] = accepted_total / self._capacity[name]
         return batches, utilisation
+
+    @staticmethod
+    def _admit(table: EnforcementTable,
+               arrived: list[tuple[RouteSpec, np.ndarray, Any]]) -> list[np.ndarray]:
+        """The sidecar's ingress decision for every arrival of one service this tick, in
+        time order across its routes (a service-wide throttle shares one bucket): the
+        status it answered, 0 where the request went in."""
+        pres = [np.zeros(len(ts), dtype=np.int64) for _, ts, _ in arrived]
+        if not (table.throttles or table.sheds) or not any(len(p) for p in pres):
+            return pres
+        times = np.concatenate([ts for _, ts, _ in arrived])
+        which = np.concatenate([np.full(len(ts), i) for i, (_, ts, _) in enumerate(arrived)])
+        order = np.argsort(times, kind="stable")
+        paths = [arrived[i][0].path for i in which[order].tolist()]
+        status = np.empty(len(times), dtype=np.int64)
+        status[order] = table.admit_ingress(paths, times[order].tolist())
+        bounds = np.cumsum([0] + [len(p) for p in pres])
+        return [status[bounds[i]:bounds[i + 1]] for i in range(len(pres))]
 
     def _queue_factor(self, utilisation: float) -> float:
         """Latency multiplier from queueing, relative to an idle service: 1/(1-u) (M/M/1),
@@ -915,10 +858,6 @@ def _egress_dicts(service: str, route: RouteSpec, dependency: str, ts: np.ndarra
     ]
 
 
-def _is_number(value: Any) -> TypeGuard[float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _parse_version(value: Any) -> int | None:
     """'v41' or 41 -> 41; anything else -> None."""
     if isinstance(value, bool):
@@ -930,3 +869,51 @@ def _parse_version(value: Any) -> int | None:
         if text.isdigit():
             return int(text)
     return None
+
+
+class FleetSidecars:
+    """The sidecars in front of the simulated fleet, in-process: per service the
+    sidecar's ``CommandGate`` (signature, service, replay and expiry checks) in front
+    of the fleet's ``EnforcementTable``, and the acks a sidecar sends. Only the
+    transport (Kafka, the proxy) is left out; every decision is the sidecar's code.
+
+    ``verify`` raises ``ValueError`` on a bad signature (``schemas.signing.KeyRing``).
+    ``run_rollbacks=False`` leaves rollbacks to real sidecars' webhooks (the demo)."""
+
+    def __init__(self, fleet: Fleet, verify: Callable[[Mapping[str, Any]], None], *,
+                 run_rollbacks: bool = True) -> None:
+        self.fleet = fleet
+        self.gates = {name: CommandGate(name, verify) for name in fleet.tables}
+        self.run_rollbacks = run_rollbacks
+        self.counts: dict[str, int] = {}
+
+    def deliver(self, command: Any, message_key: str | None, now: float
+                ) -> list[dict[str, Any]]:
+        """One message of the commands topic, seen by every service's sidecar; returns
+        the acks sent (none from the sidecars it is not for)."""
+        acks: list[dict[str, Any]] = []
+        for service, gate in self.gates.items():
+            verdict = gate.check(command, message_key, now)
+            self.counts[verdict.action] = self.counts.get(verdict.action, 0) + 1
+            if verdict.action == "ignore":
+                continue
+            if verdict.action != "apply" or verdict.command is None:
+                status = "rejected" if verdict.action == "reject" else "expired"
+                acks.append(_ack(verdict.command_id, service, status, verdict.reason, now))
+                continue
+            result = self.fleet.apply_parsed(verdict.command, now,
+                                             run_rollback=self.run_rollbacks)
+            acks.append(_ack(verdict.command_id, service, result.status, result.reason, now))
+        return acks
+
+    def expiry_acks(self, now: float) -> list[dict[str, Any]]:
+        """The acks of leases that passed without renewal (the sidecar's expiry loop)."""
+        return [_ack(e.command_id, service, "expired", "lease ended without renewal", now)
+                for service, e in self.fleet.take_lifted()]
+
+
+def _ack(command_id: str, service: str, status: str, reason: str, now: float
+         ) -> dict[str, Any]:
+    return {"command_id": command_id[:1024], "service": service,
+            "instance": f"{service}-sim", "status": status, "reason": reason[:4096],
+            "at": now}

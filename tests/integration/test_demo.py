@@ -1,8 +1,8 @@
 """``stanch demo``: the closed loop end to end, enforced by real ``stanch sidecar`` processes.
 
-Also the two pieces that make the sidecar path work, tested on their own: the fleet
-model following what a sidecar reports (renewals, ramps, lapsed leases), and a sidecar
-judging leases by a simulated clock.
+Also a piece that makes the sidecar path work, tested on its own: a sidecar judging
+leases by a simulated clock. (The fleet enforces commands through the sidecar's own
+code, ``models.fleet.FleetSidecars``: tests/unit/test_fleet.py.)
 """
 
 from __future__ import annotations
@@ -10,18 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 
-from app.demo import FleetFollower, demo_main, format_summary
+from app.demo import demo_main, format_summary
 from app.keys import generate_keypair
 from app.settings import Settings
 from app.sidecar import Sidecar, SidecarOptions
 from app.sidecar.main import OptionError, SimulatedClock, parse_clock_origin
-from models.fleet import Fleet, default_fleet_config
-from models.scenarios import build_scenario
 from schemas.signing import load_private_key, sign_command
 from tests.integration.test_sidecar import Acks, publish, start_app, upstream_app
 
@@ -35,8 +32,10 @@ def test_demo_bad_deploy_through_sidecars(kafka_bootstrap: str, monkeypatch: pyt
     captured = capsys.readouterr()
     summary = orjson.loads(captured.out.strip().splitlines()[-1])  # progress is on stderr
     for key in ("time_to_detect_s", "time_to_mitigate_s", "time_to_recover_s",
-                "errors_avoided"):
+                "errors_avoided", "slow_with_stanch", "slow_without_stanch",
+                "actions_in_force_at_end"):
         assert key in summary
+    assert summary["actions_in_force_at_end"] == 0  # a rollback holds no lease
     assert [(c["kind"], c["service"], c["target"]) for c in summary["commands"]] == \
         [("rollback", "payments", "v41")]
     rollback_id = summary["commands"][0]["id"]
@@ -53,6 +52,10 @@ def test_demo_bad_deploy_through_sidecars(kafka_bootstrap: str, monkeypatch: pyt
     assert [(r["command_id"], r["service"], r["target"], r["status"])
             for r in sidecars["rollbacks"]] == [(rollback_id, "payments", "v41", "applied")]
     assert sidecars["status_polls"] > 100
+    # the fleet enforced, through the sidecar's own code, what the sidecars reported
+    # (the two read the commands topic independently: a poll apart now and then)
+    agreement = sidecars["enforcement_agreement"]
+    assert agreement["checks"] > 100 and agreement["same"] >= 0.95 * agreement["checks"]
     assert "rollback webhook from payments-sidecar: applied" in captured.err
     # and the fleet recovered because of it
     assert 0 < summary["time_to_detect_s"] <= summary["time_to_mitigate_s"] <= 20
@@ -63,68 +66,30 @@ def test_demo_bad_deploy_through_sidecars(kafka_bootstrap: str, monkeypatch: pyt
     assert summary["wall_s"] < 180, "the demo must finish in under three minutes"
 
 
-# --------------------------------------------------------------------------- the fleet
-
-
-def _entry(cid: str, kind: str, key: str, params: dict[str, Any], expires_at: float,
-           target: str = "") -> dict[str, Any]:
-    """One item of a sidecar's ``/_stanch/status`` ``active`` list."""
-    return {"kind": kind, "key": key, "command_id": cid, "target": target, "params": params,
-            "issued_at": expires_at - 60, "expires_at": expires_at}
-
-
-def test_fleet_follows_sidecar_status_renewal_ramp_and_lapse() -> None:
-    start = 1_000_000.0
-    config = default_fleet_config(None, start_ts=start)
-    fleet = Fleet(config, build_scenario("clean", config), 1)
-    follower = FleetFollower()
-    now = start + 10
-    throttle = _entry("c1", "throttle", "*", {"rate_per_s": 0.0}, now + 60)
-
-    said = follower.follow(fleet, "gateway", [throttle], now)
-    assert said == ["enforces throttle * {\"rate_per_s\":0.0} (lease 60 s): fleet applied"]
-    assert [(c["id"], c["params"]["rate_per_s"]) for c in fleet.active_commands("gateway", now)
-            ] == [("c1", 0.0)]
-    out = fleet.events_between(now, now + 0.5)  # the fleet really refuses requests now
-    ingress = [e for e in out.requests["gateway"] if not e.get("dependency")]
-    assert ingress and all(e["status"] == 429 for e in ingress)
-
-    renewed = {**throttle, "command_id": "c2", "expires_at": now + 90}
-    assert follower.follow(fleet, "gateway", [renewed], now + 1) == []  # renewals are quiet
-    assert [c["id"] for c in fleet.active_commands("gateway", now + 1)] == ["c2"]
-
-    ramped = {**renewed, "params": {"rate_per_s": 500.0}}
-    said = follower.follow(fleet, "gateway", [ramped], now + 2)
-    assert said == ["enforces throttle * {\"rate_per_s\":500.0} (lease 88 s): fleet applied"]
-    assert [c["params"]["rate_per_s"] for c in fleet.active_commands("gateway", now + 2)] \
-        == [500.0]
-
-    # gone from the sidecar (restored, or its lease lapsed there): gone from the fleet,
-    # although the fleet's own copy of the lease would run until now + 90
-    assert follower.follow(fleet, "gateway", [], now + 3) == \
-        ["lifted throttle * (restored or lease ended)"]
-    assert fleet.active_commands("gateway", now + 3) == []
-    # a passed lease the sidecar still lists until its next sweep is not followed
-    short = _entry("c6", "throttle", "*", {"rate_per_s": 1.0}, now + 20)
-    assert len(follower.follow(fleet, "gateway", [short], now + 4)) == 1
-    assert follower.follow(fleet, "gateway", [short], now + 20) == \
-        ["lifted throttle * (restored or lease ended)"]
-    assert follower.follow(fleet, "gateway", [short], now + 21) == []
-    assert fleet.active_commands("gateway", now + 20) == []
-
-    isolate = _entry("c3", "isolate", "payments", {}, now + 60, target="payments")
-    shed = _entry("c4", "shed", "*", {"share": 0.5}, now + 60)
-    follower.follow(fleet, "checkout", [isolate, shed], now)
-    assert {c["kind"] for c in fleet.active_commands("checkout", now)} == {"isolate", "shed"}
-    assert follower.follow(fleet, "checkout", [shed], now + 1) == \
-        ["lifted isolate payments (restored or lease ended)"]
-    assert [c["kind"] for c in fleet.active_commands("checkout", now + 1)] == ["shed"]
-
-    # the sidecar accepts what the fleet cannot model: reported, never fatal
-    unknown = _entry("c5", "isolate", "nowhere", {}, now + 60, target="nowhere")
-    said = follower.follow(fleet, "checkout", [shed, unknown], now + 1)
-    assert len(said) == 1 and said[0].endswith("fleet rejected")
-    assert follower.rejected and follower.rejected[0].startswith("c5: ")
+def test_demo_latency_spike_reports_what_the_bench_reports(
+        kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The broker path reports the figures ``stanch bench scenarios`` reports offline,
+    counted the same way, for a scenario whose mitigation holds leases."""
+    monkeypatch.setenv("STANCH_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    assert demo_main("latency-spike", as_json=True) == 0
+    captured = capsys.readouterr()
+    summary = orjson.loads(captured.out.strip().splitlines()[-1])
+    for key in ("errors_with_stanch", "errors_without_stanch", "errors_avoided",
+                "slow_with_stanch", "slow_without_stanch", "actions_issued",
+                "actions_in_force_at_end", "time_to_detect_s", "time_to_mitigate_s",
+                "time_to_recover_s", "time_to_restore_s"):
+        assert key in summary, key
+    assert summary["errors_avoided"] == (summary["errors_without_stanch"]
+                                         - summary["errors_with_stanch"])
+    assert summary["actions_issued"] == len(summary["commands"])
+    assert summary["actions_in_force_at_end"] == len(summary["in_force_at_end"])
+    assert summary["time_to_detect_s"] is not None  # the spike is seen
+    assert summary["slow_without_stanch"] > 0  # the spike makes responses slow
+    # the fleet held what the sidecars held (a renewal reaches them a poll apart)
+    agreement = summary["sidecars"]["enforcement_agreement"]
+    assert agreement["checks"] > 100 and agreement["same"] >= 0.9 * agreement["checks"]
+    assert "time to restore" in format_summary(summary)
 
 
 # --------------------------------------------------------------------------- the clock

@@ -313,3 +313,46 @@ def test_status_lists_leases() -> None:
     assert entry["kind"] == "throttle" and entry["key"] == "*"
     assert entry["lease_remaining_s"] == pytest.approx(50.0)
     assert entry["rate_per_s"] == 3.0
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _table_with(*commands: dict[str, Any]) -> EnforcementTable:
+    table = EnforcementTable()
+    for c in commands:
+        assert table.apply(parse_command(c), T0).status == "applied"
+    return table
+
+
+def test_batch_admission_equals_the_per_request_path() -> None:
+    """The fleet admits numpy batches through admit_ingress/admit_egress; a sidecar
+    decides request by request. Same commands, same arrivals: same answers, in order."""
+    commands = (
+        cmd("throttle", params={"rate_per_s": 7.0, "burst": 3.0}),
+        cmd("throttle", id="t2", params={"rate_per_s": 2.5, "route": "/b"}, expires_at=T0 + 4),
+        cmd("shed", params={"share": 0.3, "routes": ["/a"]}),
+        cmd("isolate", params={"half_open_share": 0.25}),
+    )
+    routes = ["/a", "/b", "/c"]
+    arrivals = [(T0 + i * 0.013, routes[(i * 7) % 3]) for i in range(900)]  # ~77/s, 11.7 s
+    batch, single = _table_with(*commands), _table_with(*commands)
+    got = batch.admit_ingress([r for _, r in arrivals], [t for t, _ in arrivals])
+    want = [single.decide_ingress(r, t).status for t, r in arrivals]
+    assert got == want
+    assert {0, 429, 503} <= set(got)  # every kind of answer was exercised
+    # the route throttle's lease ended at T0 + 4: later /b requests only meet the global cap
+    times = [t for t, _ in arrivals]
+    assert batch.admit_egress("payments", times) == [
+        single.decide_egress("payments", t).passes for t in times]
+    assert batch.admit_egress("inventory", times[:5]) == [True] * 5
+
+
+def test_batch_admission_without_enforcement_passes_everything() -> None:
+    table = EnforcementTable()
+    assert table.admit_ingress(["/a", "/b"], [T0, T0 + 1]) == [0, 0]
+    table = _table_with(cmd("throttle", params={"rate_per_s": 1.0, "route": "/a"}))
+    assert not table.ingress_active("/b", T0)
+    assert table.ingress_active("/a", T0)
+    assert not table.ingress_active("/a", T0 + 61)  # lease over
+    assert table.admit_ingress(["/b"] * 5, [T0] * 5) == [0] * 5

@@ -285,7 +285,8 @@ def test_restore_removes_or_ramps_a_mitigation() -> None:
     assert fleet.apply_command(restore, now).status == "applied"
     [active] = fleet.active_commands("gateway", now)
     assert active["params"]["rate_per_s"] == pytest.approx(60.0)
-    fleet.apply_command(command("restore", "gateway", now, target="throttle"), now)
+    # a restore names the kind it undoes in params.kind, as the sidecar requires
+    fleet.apply_command(command("restore", "gateway", now, params={"kind": "throttle"}), now)
     assert fleet.active_commands("gateway", now) == []
     out = advance(fleet, 5.0)
     assert not any(e["status"] == 429 for e in out.requests["gateway"])
@@ -323,3 +324,54 @@ def test_restore_by_dependency_undoes_only_that_isolation() -> None:
     out = advance(fleet, 5.0)
     assert error_rate(series(out, "checkout|/charge|payments")) < 0.05
     assert {e["status"] for e in series(out, "checkout|/reserve|inventory")} == {503}
+
+
+# ----------------------------------------------------------------- the sidecars' code
+
+
+def _signed_sidecars(tmp_path: Any, fleet: Fleet) -> tuple[Any, Any]:
+    from app.keys import generate_keypair
+    from models.fleet import FleetSidecars
+    from schemas.signing import KeyRing, load_private_key, sign_command
+
+    private, public = generate_keypair(tmp_path, "test-kid")
+    key = load_private_key(private)
+    sidecars = FleetSidecars(fleet, KeyRing.from_dir(tmp_path).verify)
+    return sidecars, lambda c: sign_command(c, key, "test-kid")
+
+
+def test_fleet_sidecars_gate_apply_ack_and_expire_like_a_sidecar(tmp_path: Any) -> None:
+    """Commands reach the fleet through the sidecar's gate and table: a forged or
+    replayed command is rejected with an ack, an applied throttle refuses requests
+    with error false, and a lapsed lease is lifted with an expiry ack."""
+    fleet = fleet_for()
+    sidecars, sign = _signed_sidecars(tmp_path, fleet)
+    now = fleet.now
+    throttle = sign(command("throttle", "users", now, params={"rate_per_s": 5.0}, ttl=5.0))
+    [ack] = sidecars.deliver(throttle, "users", now)
+    assert (ack["service"], ack["status"]) == ("users", "applied")
+    [replayed] = sidecars.deliver(throttle, "users", now)
+    assert (replayed["status"], replayed["reason"]) == ("rejected", "replayed")
+    forged = {**throttle, "params": {"rate_per_s": 500.0}}
+    [bad] = sidecars.deliver(forged, "users", now)
+    assert bad["status"] == "rejected"
+    out = advance(fleet, 4.0)
+    refused = [e for e in out.requests["users"] if e["status"] == 429]
+    assert refused and all(e["error"] is False for e in refused)
+    assert sidecars.expiry_acks(fleet.now) == []
+    advance(fleet, 2.0)  # the lease passed at now + 5
+    [expired] = sidecars.expiry_acks(fleet.now)
+    assert (expired["command_id"], expired["status"]) == (throttle["id"], "expired")
+    assert fleet.active_commands("users", fleet.now) == []
+
+
+def test_fleet_sidecars_run_a_rollback_once(tmp_path: Any) -> None:
+    fleet = fleet_for("bad-deploy", onset_s=2.0, duration_s=300.0)
+    sidecars, sign = _signed_sidecars(tmp_path, fleet)
+    advance(fleet, 15.0)
+    rollback = sign(command("rollback", "payments", fleet.now, target="v41"))
+    [ack] = sidecars.deliver(rollback, "payments", fleet.now)
+    assert ack["status"] == "applied" and "rolled back to v41" in ack["reason"]
+    assert fleet.version_of("payments") == ["v41"] * 3
+    # the same command applied again (e.g. by another path) is not run a second time
+    assert fleet.apply_command(rollback, fleet.now).reason == "rollback already done"
