@@ -11,12 +11,16 @@ already on stanch.commands) drops the duplicate.
 
 Rules (first match per incident):
 - rollback: a confirmed suspect change (models.changes) and the policy allows it:
-  roll its service back to from_version; nothing else is piled on afterwards. While a
+  roll its service back to from_version, once per incident and per change (it is then
+  no suspect anywhere) with the service's rollback cooldown; nothing a version causes
+  is piled on afterwards, but a surge is judged on its own (throttled). While a
   suspect is still unconfirmed, other actions wait `rollback.evidence_wait_s`.
 - isolate: callers fail on the incident's root (a failing dependency): one isolate per
-  caller, target = the dependency (its circuit opens at the caller). Not when the root
-  itself surges: then the callers' failures are the overload's symptom and the root is
-  throttled instead (isolating would also cut its legitimate traffic).
+  caller, target = the dependency (its circuit opens at the caller), when most of the
+  caller's calls fail already (`isolate.min_failure_share`: an open circuit fails them
+  all). Not when the root itself surges: then the callers' failures are the overload's
+  symptom and the root is throttled instead (isolating would also cut its legitimate
+  traffic).
 - throttle: a traffic surge on an ingress series: rate = the baseline rate (the
   anomaly's expected count per window / window_s) * (1 + headroom), per route.
 - shed: saturation (latency anomalies on a surging service) when throttling is not
@@ -31,6 +35,13 @@ sidecar) and are then removed with a `restore` command; isolations go half-open
 (`isolate` with {"half_open_share": ...}) before a `restore` closes them; shedding is
 removed at once. An anomaly during the ramp steps back one level. When nothing is
 left, the incident is resolved and the per-service cooldown starts.
+
+No harm (docs/mitigation.md): services upstream of an action in force are shaped
+(the book records their anomalies without counting them, detectors do not learn from
+them); an isolation probes half-open once its target is quiet for `restore.step_s`;
+each throttle, isolation or shed is judged on its scope's error responses before and
+after it (`[verify]`): worse is reverted at once, not better within `improve_within_s`
+is lifted and escalated; no renewal without fresh telemetry of the action's service.
 
 Leases: every command carries expires_at = now + lease_s; while a mitigation is still
 needed it is renewed every `renew_every_s` with a NEW command (next seq, same kind,
@@ -111,6 +122,7 @@ class Active:
     #: the services whose answers it changes: where it runs, its target (isolate) and
     #: everything upstream (see VerifyPolicy)
     scope: list[str] = field(default_factory=list)
+    onset: float | None = None  # its incident's onset (leased kinds: it gets judged)
     #: [error responses, windows] of the scope over the windows before it was issued
     before: list[float] | None = None
     verdict: str = ""  # "" (not judged yet), "worse", "better", "same", "unknown"
@@ -563,13 +575,10 @@ class Mitigator:
             if prev is not None:
                 act.step, act.last_step_at, act.since = prev.step, prev.last_step_at, prev.since
                 act.scope, act.before, act.verdict = prev.scope, prev.before, prev.verdict
+                act.onset = prev.onset
             elif d.kind in LEASED_KINDS:
-                # what the scope served before: the windows since onset, at most
-                # verify.compare_windows of them, before this window
                 act.scope = self._scope(book, d.kind, d.service, d.target)
-                span = self.policy.verify.compare_windows * self._window_s(inc)
-                e_b, _, n_b = book.errors_between(act.scope, max(inc.onset, now - span), now)
-                act.before = [e_b, float(n_b)]
+                act.onset = inc.onset
             self._active[act.key] = act
         if inc.state == "open":
             res.add(book.transition(inc.id, "mitigating", now,
@@ -622,14 +631,22 @@ class Mitigator:
         vp = self.policy.verify
         span = vp.compare_windows * self._window_s(inc)
         for act in self._acts(inc.id):
-            if act.kind not in LEASED_KINDS or act.before is None:
+            if act.kind not in LEASED_KINDS or act.onset is None:
                 continue
-            e_b, n_b = act.before
             if not act.verdict:
                 t0 = act.since + vp.settle_s
                 if now < t0 + span:
                     continue
                 e_a, _, n_a = book.errors_between(act.scope, t0, t0 + span)
+                if n_a < vp.compare_windows and now < t0 + 2 * span:
+                    continue  # windows still arriving (the decider merges topics)
+                # what the scope served before: the windows since onset, at most
+                # verify.compare_windows of them, up to the one it was decided on (the
+                # newest window seen then: closed before the decision, so wholly before)
+                w = self._window_s(inc)
+                e_b, _, n_b = book.errors_between(
+                    act.scope, max(act.onset, act.since + w - span), act.since + w)
+                act.before = [e_b, float(n_b)]
                 act.verdict = _verdict(e_b, n_b, e_a, n_a, vp.worse_z)
                 res.add(book.record(
                     inc.id, "decision", now,
@@ -645,9 +662,10 @@ class Mitigator:
                     self._lift(book, inc, act, now, res,
                                "made things worse: reverted at once", "worse")
                     continue
-            elif act.verdict in ("same", "unknown"):
-                e_a, _, n_a = book.errors_between(act.scope, now - span, now)
-                if _verdict(e_b, n_b, e_a, n_a, vp.worse_z) == "better":
+            elif act.verdict in ("same", "unknown") and act.before is not None:
+                e_now, _, n_now = book.errors_between(act.scope, now - span, now)
+                if _verdict(act.before[0], act.before[1], e_now, n_now,
+                            vp.worse_z) == "better":
                     act.verdict = "better"
         stuck = [a for a in self._acts(inc.id) if a.kind in LEASED_KINDS
                  and a.verdict != "better" and now - a.since >= vp.improve_within_s]
@@ -824,6 +842,7 @@ class Mitigator:
             "pending": {k: d.to_dict() for k, d in self._pending.items()},
             "approved": sorted(self._approved), "noted": sorted(self._noted),
             "cooldown": dict(self._cooldown), "rolled_back": sorted(self._rolled_back),
+            "reverted": sorted(self._reverted), "lifted": dict(self._lifted),
         }
 
     @classmethod
@@ -837,6 +856,8 @@ class Mitigator:
         m._noted = set(d["noted"])
         m._cooldown = dict(d["cooldown"])
         m._rolled_back = set(d["rolled_back"])
+        m._reverted = set(d.get("reverted", ()))
+        m._lifted = {str(k): float(v) for k, v in d.get("lifted", {}).items()}
         return m
 
 

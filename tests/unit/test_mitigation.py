@@ -607,3 +607,276 @@ def test_bad_control_messages_are_clear_errors() -> None:
         m.apply_control({"action": "approve"}, 0.0)
     with pytest.raises(MitigationInputError):
         m.apply_control(["pause"], 0.0)  # type: ignore[arg-type]
+
+
+# ---- no harm, by construction (issue 10) --------------------------------------------------
+
+def egress(svc: str, dep: str, t: float, count: int = 50, errors: int = 0) -> dict:
+    """An egress window (the call graph the book learns: svc calls dep)."""
+    return {**window(svc, t, count=count, errors=errors), "dependency": dep}
+
+
+def graph(t: float) -> list[dict]:
+    """gateway -> checkout -> payments, as the egress windows show it."""
+    return [egress("gateway", "checkout", t), egress("checkout", "payments", t)]
+
+
+def dep_down(onset: int = 100, until: int = 190, checkout_errors: Callable | None = None,
+             extra: Callable | None = None) -> Callable:
+    """payments fails from onset to until; checkout fails 90 % of its calls to it (an
+    isolation's pre-condition); windows carry each service's error responses:
+    payments 60 a window while down, checkout what ``checkout_errors(h, t)`` says."""
+    def scenario(h: Harness, t: int) -> tuple[list, list, list]:
+        down = onset <= t < until
+        ws = healthy(t, skip=("payments", "checkout")) + graph(t)
+        ws.append(window("payments", t, errors=60 if down else 0))
+        ws.append(window("checkout", t, errors=checkout_errors(h, t) if checkout_errors
+                         else (5 if down else 0)))
+        an: list[dict] = []
+        if down:
+            an = [anomaly("payments", t, "errors", route="/charge", observed=0.6,
+                          expected=0.01),
+                  anomaly("checkout", t, "errors", route="/pay", dep="payments",
+                          observed=0.9, expected=0.01)]
+        if extra is not None:
+            an += extra(h, t)
+        return ws, an, []
+    return scenario
+
+
+def test_isolation_needs_most_calls_to_fail_slow_or_partly_failing_is_left_alone() -> None:
+    """An open circuit fails every call: a dependency that is only slow (latency-spike)
+    or fails 20 % of calls (error-burst) is not isolated, and the timeline says why."""
+    def scenario(share: float | None) -> Callable:
+        def s(h: Harness, t: int) -> tuple[list, list, list]:
+            an: list[dict] = []
+            if 100 <= t < 160:
+                an = [anomaly("payments", t, "latency", route="/charge", observed=900.0,
+                              expected=80.0),
+                      anomaly("checkout", t, "latency", route="/pay", dep="payments",
+                              observed=900.0, expected=80.0)]
+                if share is not None:
+                    an.append(anomaly("checkout", t, "errors", route="/pay", dep="payments",
+                                      observed=share, expected=0.01))
+            return healthy(t) + graph(t), an, []
+        return s
+
+    for share in (None, 0.2):
+        h = Harness()
+        h.run(0, 300, scenario(share))
+        assert h.decisions == [], h.kinds()
+        notes = [e["reason"] for e in h.entries if e["entry"] == "decision"]
+        assert any(n.startswith("no isolation of payments at checkout") for n in notes)
+        assert h.book.incidents()[0].state == "resolved"
+    h = Harness()
+    h.run(0, 300, scenario(0.9))
+    assert h.issued("isolate", "checkout")
+
+
+def test_upstream_of_an_isolation_is_judged_with_it_in_mind() -> None:
+    """checkout isolates payments; gateway, upstream of checkout, now gets checkout's
+    fail-fast answers as errors. Its anomalies are recorded on the incident's timeline
+    but neither hold the incident open nor open an incident of their own nor get
+    checkout blamed; gateway is a mitigated service (its detectors do not learn)."""
+    def gateway_sees_failfast(h: Harness, t: int) -> list[dict]:
+        if not h.issued("isolate") or t >= 200:
+            return []
+        return [anomaly("gateway", t, "errors", route="/buy"),
+                anomaly("gateway", t, "errors", route="/buy", dep="checkout")]
+
+    h = Harness()
+    scenario = dep_down(extra=gateway_sees_failfast)
+    h.run(0, 110, scenario)
+    issued = h.first_issue("isolate")
+    assert issued is not None
+    assert {"gateway", "checkout", "payments"} <= h.mit.mitigated_services(109)
+    h.run(110, 400, scenario)
+    (inc,) = h.book.incidents()
+    shaped = [e for e in h.entries if e["entry"] == "anomaly"
+              and e.get("details", {}).get("shaped")]
+    assert shaped and all(e["incident_id"] == inc.id for e in shaped)
+    assert all(e["details"]["counted"] is False for e in shaped)
+    assert "gateway" not in inc.anomalous and "gateway" not in inc.edges
+    assert inc.root_service == "payments"
+    assert [(k, s) for k, s, _ in h.kinds() if k == "isolate"] and \
+        {s for k, s, _ in h.kinds()} == {"checkout"}
+    assert inc.state == "resolved"
+    assert h.mit.active() == []
+
+
+def test_half_open_probe_is_reached_while_the_incident_goes_on() -> None:
+    """payments recovers at 130 while checkout's own latency stays out of baseline until
+    200 (the incident does not look stable): the isolation is judged by its target,
+    goes half-open restore.step_s after payments went quiet and closes one step later."""
+    def checkout_slow(h: Harness, t: int) -> list[dict]:
+        return [anomaly("checkout", t, "latency", route="/cart", observed=900.0,
+                        expected=80.0)] if 100 <= t < 200 else []
+
+    h = Harness()
+    h.run(0, 400, dep_down(until=130, extra=checkout_slow))
+    iso = [(t, d) for t, d in h.decisions if d.service == "checkout"]
+    half = [t for t, d in iso if d.kind == "isolate" and "half_open_share" in d.params]
+    closed = [t for t, d in iso if d.kind == "restore"]
+    step = h.policy.restore.step_s
+    assert half and half[0] == 129 + step, iso
+    assert closed and closed[0] == half[0] + step
+    resolved = next(e["at"] for e in h.entries if e["entry"] == "resolved")
+    assert closed[0] < 199 + h.policy.restore.stable_s <= resolved
+    assert h.book.incidents()[0].state == "resolved" and h.mit.active() == []
+
+
+def test_action_that_makes_things_worse_is_reverted_at_once_and_recorded() -> None:
+    """After the isolation checkout answers 80 errors a window instead of 5 (its
+    fail-fast answers are errors to its own callers): the scope's error responses rose
+    far beyond noise, so the isolation is reverted at the first comparison, the verdict
+    is on the timeline and the same isolation is not tried again for this incident."""
+    def checkout_errors(h: Harness, t: int) -> int:
+        isolating = h.issued("isolate") and not h.issued("restore")
+        return 80 if isolating else 5 if 100 <= t < 190 else 0
+
+    h = Harness()
+    h.run(0, 400, dep_down(checkout_errors=checkout_errors))
+    issued = h.first_issue("isolate")
+    vp = h.policy.verify
+    reverted = [(t, d) for t, d in h.decisions if d.kind == "restore"]
+    assert issued is not None and reverted
+    t_rev, rev = reverted[0]
+    assert t_rev == issued + vp.settle_s + vp.compare_windows
+    assert rev.params == {"kind": "isolate"} and "worse" in rev.reason
+    verdicts = [e for e in h.entries if e.get("details", {}).get("verdict") == "worse"]
+    assert {e["entry"] for e in verdicts} == {"decision", "restore_step"}
+    (judged,) = [e for e in verdicts if e["entry"] == "decision"]
+    assert judged["details"]["before"][0] / judged["details"]["before"][1] == 65
+    assert set(judged["details"]["scope"]) == {"checkout", "gateway", "payments"}
+    assert [t for t, d in h.decisions if d.kind == "isolate"] == [issued]
+
+
+def test_action_that_does_not_help_is_lifted_and_the_incident_escalated() -> None:
+    """payments stays down; the isolation changes nothing measurable: it is lifted
+    verify.improve_within_s after it was issued (fail open), never renewed forever,
+    and the incident goes to a human."""
+    h = Harness()
+    h.run(0, 500, dep_down(until=600))
+    issued = h.first_issue("isolate")
+    assert issued is not None
+    limit = h.policy.verify.improve_within_s
+    restores = [(t, d) for t, d in h.decisions if d.kind == "restore"]
+    assert [t for t, _ in restores] == [issued + limit]
+    assert "no improvement" in restores[0][1].reason
+    (inc,) = h.book.incidents()
+    assert inc.state == "escalated" and "not improved" in inc.reason
+    assert max(t for t, _ in h.decisions) == issued + limit
+    assert h.mit.active() == []
+
+
+def test_no_renewal_without_fresh_telemetry_of_the_action() -> None:
+    """checkout's telemetry stops at 110: Stanch can no longer see what its isolation
+    does, so it does not renew it (the lease lapses, the sidecar fails open) and
+    escalates."""
+    def scenario(h: Harness, t: int) -> tuple[list, list, list]:
+        ws, an, ch = dep_down(until=600)(h, t)
+        if t >= 110:
+            ws = [w for w in ws if w["service"] != "checkout"]
+        return ws, an, ch
+
+    h = Harness()
+    h.run(0, 260, scenario)
+    isolates = [(t, d) for t, d in h.decisions if d.kind == "isolate"]
+    assert len(isolates) == 1, isolates
+    t0 = isolates[0][0]
+    (inc,) = [i for i in h.book.incidents() if i.root_service == "payments"]
+    assert inc.state == "escalated" and "telemetry of checkout stopped" in inc.reason
+    assert any("lease of isolate" in e["reason"] for e in h.entries)
+    assert h.mit.mitigated_services(t0 + h.policy.safeguards.lease_s + 5) == set()
+
+
+def test_stragglers_of_a_lifted_isolation_open_no_incident() -> None:
+    """A finding of checkout whose windows are from the isolation's time arrives after
+    the incident resolved: it is the isolation's doing, not a new fault."""
+    h = Harness()
+    h.run(0, 400, dep_down())
+    (inc,) = h.book.incidents()
+    assert inc.state == "resolved"
+    closed = max(t for t, d in h.decisions if d.kind == "restore")
+    late = anomaly("checkout", closed - 1, "errors", route="/cart")
+    entries = [e.to_dict() for e in h.book.on_anomaly(late, 401)]
+    assert len(h.book.incidents()) == 1
+    assert entries and entries[0]["details"]["shaped"] is True
+    assert entries[0]["incident_id"] == inc.id
+
+
+def test_a_change_is_rolled_back_once_and_then_is_no_suspect() -> None:
+    """After the rollback the incident resolves; payments fails again 100 s later (a
+    new incident, the rolled-back deploy still within suspect_window_s of it): the
+    change is not blamed again, nor rolled back a second time."""
+    first = bad_deploy(onset=100, length=200)
+
+    def scenario(h: Harness, t: int) -> tuple[list, list, list]:
+        if t < 250:
+            return first(h, t)
+        ws = healthy(t, skip=("payments",))
+        ws.append(window("payments", t, errors=25, version="v41"))
+        an = [anomaly("payments", t, "errors", observed=0.25, expected=0.003)] \
+            if t < 300 else []
+        return ws, an, []
+
+    h = Harness()
+    h.run(0, 450, scenario)
+    assert [k for k, _, _ in h.kinds()].count("rollback") == 1
+    incs = h.book.incidents()
+    assert len(incs) == 2
+    assert incs[1].suspect is None
+    assert h.book.changes.rolled_back("chg-42")
+
+
+def test_a_surge_after_a_rollback_is_judged_on_its_own_and_throttled() -> None:
+    """The deploy is rolled back; 10 s later payments' traffic surges 5x (same incident,
+    same service). The surge is not blamed on the rolled-back deploy: it is throttled."""
+    deploy = bad_deploy(onset=100, length=200)
+
+    def scenario(h: Harness, t: int) -> tuple[list, list, list]:
+        ws, an, ch = deploy(h, t)
+        if 112 <= t < 170:
+            an = an + [anomaly("payments", t, "traffic", route="/charge", observed=500.0,
+                               expected=100.0, direction="surge")]
+        return ws, an, ch
+
+    h = Harness()
+    h.run(0, 450, scenario)
+    kinds = [k for k, _, _ in h.kinds()]
+    assert kinds.count("rollback") == 1
+    throttles = [(t, d) for t, d in h.decisions if d.kind == "throttle"]
+    assert throttles and throttles[0][0] <= 114
+    assert throttles[0][1].service == "payments"
+    assert throttles[0][1].params["rate_per_s"] == pytest.approx(120.0)
+    assert len(h.book.incidents()) == 1
+    assert h.mit.active() == []
+
+
+@pytest.mark.parametrize("cut", [103, 108, 112, 150])
+def test_restart_keeps_verdicts_shaped_spans_and_probes(cut: int) -> None:
+    """The no-harm state (verdicts, reverted actions, shaped spans, the ledger, probes)
+    is in the snapshot: a worker restarted at `cut` decides what an uninterrupted one
+    does, in a run with a harmful isolation reverted and gateway shaped upstream."""
+    def checkout_errors(h: Harness, t: int) -> int:
+        isolating = h.issued("isolate") and not h.issued("restore")
+        return 80 if isolating else 5 if 100 <= t < 190 else 0
+
+    def gateway(h: Harness, t: int) -> list[dict]:
+        return [anomaly("gateway", t, "errors", route="/buy")] if h.issued("isolate") \
+            and t < 140 else []
+
+    scenario = dep_down(checkout_errors=checkout_errors, extra=gateway)
+    ref = Harness()
+    ref.run(0, 300, scenario)
+    assert any("worse" in d.reason for _, d in ref.decisions)
+    h = Harness()
+    h.run(0, cut, scenario)
+    snap = json.loads(json.dumps({"book": h.book.to_state(), "mit": h.mit.to_state()}))
+    again = Harness()
+    again.book = IncidentBook.from_state(snap["book"], again.policy)
+    again.mit = Mitigator.from_state(snap["mit"], again.policy)
+    again.decisions, again.entries = list(h.decisions), list(h.entries)
+    again.run(cut, 300, scenario)
+    assert again.decisions == ref.decisions
+    assert [e["id"] for e in again.entries] == [e["id"] for e in ref.entries]

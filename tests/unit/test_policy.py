@@ -27,7 +27,7 @@ def test_example_file_loads_and_sets_every_default_key() -> None:
     raw = tomllib.loads(EXAMPLE.read_text())
     default = Policy()
     for section in ("incidents", "rollback", "throttle", "isolate", "shed", "restore",
-                    "safeguards"):
+                    "verify", "safeguards"):
         names = {f.name for f in dataclasses.fields(getattr(default, section))}
         assert names == set(raw[section]), f"example must document every key of [{section}]"
     assert p.shed.low_priority_routes["search"] == ("/suggest",)
@@ -39,7 +39,8 @@ def test_example_file_loads_and_sets_every_default_key() -> None:
 
 def test_example_values_equal_the_defaults_for_the_fleet_wide_tables() -> None:
     p = load_policy(EXAMPLE)
-    for section in ("incidents", "rollback", "throttle", "isolate", "restore", "safeguards"):
+    for section in ("incidents", "rollback", "throttle", "isolate", "restore", "verify",
+                    "safeguards"):
         assert getattr(p, section) == getattr(Policy(), section), section
 
 
@@ -101,3 +102,16 @@ def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
 def test_policy_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Policy().safeguards.dry_run = True  # type: ignore[misc]
+
+
+def test_verify_section_is_validated() -> None:
+    p = policy_from_dict({"verify": {"settle_s": 5.0, "compare_windows": 10},
+                          "isolate": {"min_failure_share": 0.7}})
+    assert p.verify.settle_s == 5.0 and p.verify.compare_windows == 10
+    assert p.isolate.min_failure_share == 0.7
+    with pytest.raises(PolicyError, match="verify.worse_z"):
+        policy_from_dict({"verify": {"worse_z": 0}})
+    with pytest.raises(PolicyError, match="verify.compare_windows"):
+        policy_from_dict({"verify": {"compare_windows": 2.5}})
+    with pytest.raises(PolicyError, match="isolate.min_failure_share"):
+        policy_from_dict({"isolate": {"min_failure_share": 1.5}})
