@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
 
 from agents.aggregation import windows_partition
 from app.broker import free_port
@@ -61,20 +62,26 @@ def test_a_producer_ahead_of_the_clock_costs_other_services_nothing(
     worker = start_worker(settings, tmp_path / "worker.log")
     try:
         async def stream() -> int:
-            n = 0
-            end = time.time() + 8.0
-            i = 0
-            while time.time() < end:
-                now = time.time()
-                msgs = [(honest.encode(), orjson.dumps(
-                    [request(now - 0.01 * j, honest, "/h", 5.0) for j in range(10)]))]
-                n += 10
-                if i == 5:  # one message per lead, right after the honest stream began
-                    msgs += [(svc.encode(), orjson.dumps([request(now + lead, svc, "/a", 5.0)]))
-                             for svc, lead in zip(ahead, leads, strict=True)]
-                await produce(settings, "requests", msgs)
-                i += 1
-                await asyncio.sleep(0.05)
+            producer = AIOKafkaProducer(**settings.aiokafka_kwargs())
+            await producer.start()
+            n, i = 0, 0
+            try:
+                end = time.time() + 8.0
+                while time.time() < end or i <= 3:
+                    now = time.time()
+                    await producer.send(settings.topic("requests"), orjson.dumps(
+                        [request(now - 0.01 * j, honest, "/h", 5.0) for j in range(10)]),
+                        key=honest.encode())
+                    n += 10
+                    if i == 3:  # one message per lead, once the honest stream runs
+                        for svc, lead in zip(ahead, leads, strict=True):
+                            await producer.send(settings.topic("requests"), orjson.dumps(
+                                [request(now + lead, svc, "/a", 5.0)]), key=svc.encode())
+                    i += 1
+                    await asyncio.sleep(0.05)
+                await producer.flush()
+            finally:
+                await producer.stop()
             return n
 
         sent = asyncio.run(stream())
@@ -199,18 +206,26 @@ def test_events_are_aggregated_on_their_series_partition_whatever_their_key(
              != windows_partition("svc", settings.partitions)][0]
     worker = start_worker(settings, tmp_path / "worker.log")
     try:
-        async def stream() -> tuple[int, float, float]:
-            n, first, last, j = 0, time.time(), 0.0, 0
-            while time.time() < first + 6.0:
-                now = time.time()
-                events = [request(now - 0.001 * i, "svc", "/r", 3.0 + i) for i in range(5)]
-                key = (None, other.encode(), b"svc")[j % 3]
-                await produce(settings, "requests", [(key, orjson.dumps(events))])
-                n, last, j = n + 5, now, j + 1
-                await asyncio.sleep(0.05)
-            return n, first, last
+        async def stream() -> int:
+            producer = AIOKafkaProducer(**settings.aiokafka_kwargs())
+            await producer.start()
+            n, j = 0, 0
+            try:
+                end = time.time() + 6.0
+                while time.time() < end:
+                    now = time.time()
+                    events = [request(now - 0.001 * i, "svc", "/r", 3.0 + i) for i in range(5)]
+                    key = (None, other.encode(), b"svc")[j % 3]
+                    await producer.send(settings.topic("requests"), orjson.dumps(events),
+                                        key=key)
+                    n, j = n + 5, j + 1
+                    await asyncio.sleep(0.05)
+                await producer.flush()
+            finally:
+                await producer.stop()
+            return n
 
-        sent, first, last = asyncio.run(stream())
+        sent = asyncio.run(stream())
         windows = asyncio.run(consume_until(
             settings, "windows", lambda vs: counted(vs, "svc") >= sent, timeout=40,
             quiet_s=3.0))
