@@ -386,7 +386,7 @@ class Mitigator:
             # A rollback is the fix under test for what a version does (errors, latency):
             # nothing is piled on for those. It cannot undo demand: a surge is judged on
             # its own and throttled.
-            return [x for x in self._throttles(inc) if x.kind == "throttle"]
+            return self._throttles(inc)
         if sus is not None:
             c = sus["change"]
             if sus.get("confirmed") or not p.rollback.require_confirmed:
@@ -788,6 +788,8 @@ class Mitigator:
         if self.paused:
             return
         for act in acts:
+            if not inc.active:
+                return  # escalated on the way (telemetry of an action stopped)
             if act.kind == "rollback":
                 del self._active[act.key]
                 continue

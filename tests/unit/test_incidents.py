@@ -443,3 +443,69 @@ def test_evidence_windows_are_capped() -> None:
     a["evidence"] = {"pooled_windows": 1e9}
     book.on_anomaly(a, 100)
     assert book.open_incidents()[0].anomalous_windows == 30
+
+
+# ---- what the no-harm rules read from the book --------------------------------------------
+
+def test_ledger_sums_error_responses_per_service_and_edge_over_windows() -> None:
+    book = IncidentBook()
+    for t in (10, 11, 12):
+        book.on_window(window("checkout", t, counts={"v1": 100}, errors={"v1": 5}))
+        book.on_window({**window("checkout", t, counts={"v1": 40}, errors={"v1": 1}),
+                        "route": "/cart"})  # a second route of the same window: merged
+        book.on_window({**window("checkout", t, counts={"v1": 50}, errors={"v1": 45}),
+                        "dependency": "payments"})
+    assert book.errors_between(["checkout"], 10, 12) == (12.0, 280.0, 2)
+    assert book.errors_between(["checkout>payments"], 10, 13) == (135.0, 150.0, 3)
+    assert book.errors_between(["checkout", "payments"], 12, 13) == (6.0, 140.0, 1)
+    assert book.errors_between(["nobody"], 0, 100) == (0.0, 0.0, 0)
+
+
+def test_upstream_follows_the_call_graph_of_the_egress_windows() -> None:
+    book = IncidentBook()
+    for caller, dep in (("gateway", "checkout"), ("checkout", "payments"),
+                        ("users", "payments"), ("gateway", "users"), ("search", "inventory")):
+        book.on_window({**window(caller, 1), "dependency": dep})
+    assert book.upstream("payments") == {"checkout", "users", "gateway"}
+    assert book.upstream("checkout") == {"gateway"}
+    assert book.upstream("gateway") == set()
+
+
+def test_shaped_service_anomalies_are_recorded_not_grouped_until_settle_after_lift() -> None:
+    policy = Policy()
+    book = IncidentBook(policy)
+    feed(book, [anomaly("payments", 10)])
+    (inc,) = book.open_incidents()
+    book.set_shaped(inc.id, {"gateway": 12.0}, 12.0)
+    (e,) = book.on_anomaly(anomaly("gateway", 20), 20)
+    assert e.incident_id == inc.id and e.details["shaped"] is True
+    assert e.details["counted"] is False
+    assert "gateway" not in inc.members and inc.last_ws == 10
+    book.set_shaped(inc.id, {}, 30.0)  # lifted at 30
+    settle = policy.verify.settle_s
+    (e,) = book.on_anomaly(anomaly("gateway", 30 + settle - 0.5), 34)
+    assert e.details.get("shaped") is True
+    entries = book.on_anomaly(anomaly("gateway", 30 + settle), 35)
+    assert entries[0].entry == "opened" and len(book.open_incidents()) == 2
+    # a finding whose evidence windows reach back into the shaped period is shaped too
+    late = {**anomaly("gateway", 40, route="/x"), "evidence": {"pooled_windows": 12}}
+    (e,) = book.on_anomaly(late, 40)
+    assert e.details.get("shaped") is True
+
+
+def test_rolled_back_change_is_no_suspect_and_the_book_state_round_trips() -> None:
+    book = IncidentBook()
+    book.on_change({"ts": 9.0, "service": "payments", "change_id": "c1", "kind": "deploy",
+                    "from_version": "v1", "to_version": "v2"}, 9.0)
+    book.on_window({**window("checkout", 9), "dependency": "payments"})
+    book.mark_rolled_back("c1", 9.5)
+    feed(book, [anomaly("payments", 10)])
+    (inc,) = book.open_incidents()
+    assert inc.suspect is None
+    book.set_shaped(inc.id, {"checkout": 10.0}, 10.0)
+    again = IncidentBook.from_state(json.loads(json.dumps(book.to_state())))
+    assert again.changes.rolled_back("c1")
+    assert again.upstream("payments") == {"checkout"}
+    assert again.errors_between(["checkout>payments"], 0, 100) == \
+        book.errors_between(["checkout>payments"], 0, 100)
+    assert again.get(inc.id).shaped == {"checkout": [10.0, None]}  # type: ignore[union-attr]
