@@ -73,6 +73,9 @@ WINDOWS_PER_MESSAGE = 500
 #: A partition with no input for this long (wall clock) closes its finished windows.
 IDLE_FLUSH_S = 1.0
 _IDLE_TICK_S = 0.25
+#: Forwards of one source partition remembered one by one (``ForwardsSeen``): far more
+#: than can be in flight at once, few enough to store with every progress record.
+FORWARDS_REMEMBERED = 64
 #: Header of a message the agent forwarded to its series' home partition:
 #: ``topic:partition:offset`` of the message it came from.
 FORWARD_HEADER = "stanch-forwarded-from"
@@ -114,6 +117,12 @@ def decode_message(value: bytes | None) -> tuple[list[Any] | None, str | None]:
     return None, "must be an event object or a JSON array of event objects"
 
 
+def _event_time(record: Any) -> float:
+    """An event's time, or a pre-aggregated window's end."""
+    ts = getattr(record, "ts", None)
+    return float(ts) if ts is not None else record.window_start + record.window_s
+
+
 def _forwarded_from(headers: Any) -> tuple[str, int] | None:
     """(source "topic:partition", source offset) of a forwarded message, else None."""
     if not headers:
@@ -136,6 +145,51 @@ def parse_request_element(obj: Any) -> Any:
     return parse_request(obj)
 
 
+class ForwardsSeen:
+    """The forwards of one source partition aggregated on this one: (source offset ->
+    our offset) of the latest ``FORWARDS_REMEMBERED``, and the newest pair forgotten.
+
+    Forwards of one source may arrive out of order (each is its own send; seen when the
+    first sends of a topic wait for its metadata together), so a source offset below the
+    highest seen is not by itself a copy. A copy is a source offset aggregated before at
+    an offset of ours below this one: a replay of the source after a crash sends its
+    forwards again. A replay of *our* partition re-reads the first copy at the same
+    offset of ours, and that one must be aggregated again (it rebuilds the open windows).
+    Below the remembered ones, every source offset is taken as seen (a reordering across
+    hundreds of sends does not happen; a source replay reaches back that far).
+    """
+
+    __slots__ = ("seen", "floor")
+
+    def __init__(self, seen: dict[int, int] | None = None,
+                 floor: tuple[int, int] = (-1, -1)) -> None:
+        self.seen: dict[int, int] = seen or {}
+        self.floor = floor
+
+    def duplicate(self, src_offset: int, offset: int) -> bool:
+        first = self.seen.get(src_offset)
+        if first is None and src_offset <= self.floor[0]:
+            first = self.floor[1]
+        if first is not None and offset > first:
+            return True
+        if first is None:
+            self.seen[src_offset] = offset
+            if len(self.seen) > FORWARDS_REMEMBERED:
+                oldest = min(self.seen)
+                self.floor = (oldest, max(self.floor[1], self.seen.pop(oldest)))
+        return False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seen": sorted(self.seen.items()), "floor": list(self.floor)}
+
+    @classmethod
+    def from_json(cls, v: Any) -> ForwardsSeen:
+        if isinstance(v, list):  # the former (source offset, our offset) high mark
+            return cls(floor=(int(v[0]), int(v[1])))
+        return cls({int(a): int(b) for a, b in v.get("seen", [])},
+                   tuple(v.get("floor", (-1, -1))))  # type: ignore[arg-type]
+
+
 @dataclass
 class _TpState:
     """Per input partition: progress as stored, messages waiting for their windows."""
@@ -154,8 +208,8 @@ class _TpState:
     seek_at: float = 0.0
     seek_tries: int = 0
     pending: deque[tuple[Any, int | None]] = field(default_factory=deque)
-    #: forwards aggregated here: source "topic:partition" -> (its offset, our offset)
-    fwd: dict[str, list[int]] = field(default_factory=dict)
+    #: forwards aggregated here, per source "topic:partition"
+    fwd: dict[str, ForwardsSeen] = field(default_factory=dict)
     finisher: asyncio.Future[None] | None = None  # the last delivery/ack step scheduled
     last_input: float = field(default_factory=time.monotonic)
 
@@ -208,7 +262,8 @@ class AggregationAgent:
                 self.agg.restore(key, PartitionProgress.from_dict(stored))
                 st.replay_until = int(stored.get("offset", -1))
                 st.expect = int(stored.get("resume", -1))
-                st.fwd = {k: list(v) for k, v in (stored.get("fwd") or {}).items()}
+                st.fwd = {k: ForwardsSeen.from_json(v)
+                          for k, v in (stored.get("fwd") or {}).items()}
             else:
                 self.agg.drop(key)
             self.states[tp] = st
@@ -287,6 +342,8 @@ class AggregationAgent:
             if self._to_forward:
                 futures.extend(self._send_forwards(topic, partition, offset))
             now = time.time()
+            if source is not None and records:
+                self.agg.note_forward(st.key, max(map(_event_time, records)), now)
             result = self.agg.add_batch(st.key, records, now)
             self.stats["events"] += len(records) - len(result.rejects)
             for rej in result.rejects:
@@ -336,16 +393,14 @@ class AggregationAgent:
         return out
 
     def _duplicate_forward(self, st: _TpState, source: tuple[str, int], offset: int) -> bool:
-        """True for a second copy of a forward (its source was replayed after a crash):
-        a source offset not beyond the last one aggregated here, at an offset of ours
-        beyond where that one was. A replay of our own partition re-reads the first copy
-        at or below that offset and aggregates it again, as it must."""
+        """True for a second copy of a forward (its source was replayed after a crash)."""
         src, src_offset = source
         seen = st.fwd.get(src)
-        if seen is not None and src_offset <= seen[0] and offset > seen[1]:
+        if seen is None:
+            seen = st.fwd[src] = ForwardsSeen()
+        if seen.duplicate(src_offset, offset):
             self.stats["duplicate forwards"] += 1
             return True
-        st.fwd[src] = [src_offset, offset]
         return False
 
     def _redelivered(self, stream: Any, st: _TpState, event: Any, offset: int) -> None:
@@ -453,7 +508,7 @@ class AggregationAgent:
             # message that contributed to a window still open
             prog["resume"] = st.pending[0][0].message.offset if st.pending else offset + 1
             if st.fwd:
-                prog["fwd"] = {src: list(v) for src, v in st.fwd.items()}
+                prog["fwd"] = {src: v.to_json() for src, v in st.fwd.items()}
             self.stats["windows"] += len(windows)
         st.finisher = asyncio.ensure_future(
             self._finish(stream, st, st.finisher, futures, prog, ready)

@@ -22,6 +22,15 @@ keyed by service):
   an event with ``ts > now + max_clock_skew_s`` is rejected with reason ``"clock skew"``
   (a clock far in the future would otherwise drag the watermark along and make every
   honest event late).
+* forwarded events (an unkeyed producer's events, routed to their series' home partition
+  by the agent: one more hop through Kafka) arrive behind the partition's own events by
+  that hop's delay. :meth:`WindowAggregator.note_forward` measures it in event time (the
+  partition's largest ``ts`` minus the forward's newest ``ts``), and the partition holds
+  its windows back by twice the largest delay seen in the last one to two
+  ``FORWARD_MEMORY_S`` of event time (the next hop may be as slow again as the slowest
+  recent one), at most ``MAX_FORWARD_HOLD_S``. A partition that receives no forwards
+  (keyed producers, the normal case) pays nothing. The hold is part of the stored
+  progress, so a replay closes the same windows.
 * :meth:`WindowAggregator.close_idle` is the one wall-clock rule: a partition that has had
   no input for a while closes the windows that ended more than ``grace_s`` before ``now``,
   so the last windows of a burst are not held forever.
@@ -54,6 +63,15 @@ ERROR_ROUTE = "_errors"
 MAX_VERSIONS = 63
 OTHER_VERSION = "_other"
 QUANTILES = (0.5, 0.9, 0.99)
+
+#: How long (event time) a measured forward delay keeps holding a partition's windows:
+#: long enough to span many hops (a forward every few windows keeps it alive), short
+#: enough that one slow moment does not slow the partition's decisions for good.
+FORWARD_MEMORY_S = 60.0
+#: The most a partition holds its windows for forwards. Beyond a few seconds the forward
+#: path is broken rather than slow, and every decision on the partition would wait for it;
+#: events later than this are dead-lettered as late, as any other.
+MAX_FORWARD_HOLD_S = 5.0
 
 LATE = "late"
 CLOCK_SKEW = "clock skew"
@@ -108,17 +126,28 @@ class PartitionProgress:
 
     closed_k: int | None = None
     max_ts: float = -math.inf
+    #: the hold for forwarded events (module doc) as a sliding maximum over two
+    #: ``FORWARD_MEMORY_S`` buckets of event time: the wanted hold of the previous bucket,
+    #: of the current one, and where the current one began
+    hold_prev: float = 0.0
+    hold_cur: float = 0.0
+    hold_since: float = -math.inf
 
     def to_dict(self) -> dict[str, Any]:
-        return {"closed_k": self.closed_k,
-                "max_ts": None if self.max_ts == -math.inf else self.max_ts}
+        d: dict[str, Any] = {"closed_k": self.closed_k,
+                             "max_ts": None if self.max_ts == -math.inf else self.max_ts}
+        if self.hold_prev > 0 or self.hold_cur > 0:
+            d["hold"] = [self.hold_prev, self.hold_cur, self.hold_since]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PartitionProgress:
         max_ts = d.get("max_ts")
         closed = d.get("closed_k")
+        prev, cur, since = d.get("hold") or (0.0, 0.0, -math.inf)
         return cls(None if closed is None else int(closed),
-                   -math.inf if max_ts is None else float(max_ts))
+                   -math.inf if max_ts is None else float(max_ts),
+                   float(prev), float(cur), float(since))
 
 
 class _Partition:
@@ -169,7 +198,7 @@ class WindowAggregator:
 
     def progress(self, partition: Hashable) -> PartitionProgress:
         p = self._part(partition).progress
-        return PartitionProgress(p.closed_k, p.max_ts)
+        return PartitionProgress(p.closed_k, p.max_ts, p.hold_prev, p.hold_cur, p.hold_since)
 
     def closed_k(self, partition: Hashable) -> int | None:
         """The highest closed window index of a partition (None before the first)."""
@@ -179,7 +208,9 @@ class WindowAggregator:
     def restore(self, partition: Hashable, progress: PartitionProgress) -> None:
         """Resume a partition from stored progress (open windows are rebuilt by replay)."""
         part = self._part(partition)
-        part.progress = PartitionProgress(progress.closed_k, progress.max_ts)
+        part.progress = PartitionProgress(progress.closed_k, progress.max_ts,
+                                          progress.hold_prev, progress.hold_cur,
+                                          progress.hold_since)
         part.open.clear()
 
     def drop(self, partition: Hashable) -> None:
@@ -196,7 +227,39 @@ class WindowAggregator:
     def window_start(self, k: int) -> float:
         return round(k * self.window_s, 6)
 
+    def hold(self, partition: Hashable) -> float:
+        """Seconds the partition currently holds its windows for forwarded events."""
+        prog = self._part(partition).progress
+        if prog.hold_cur or prog.hold_prev:
+            self._roll_hold(prog)
+        return max(prog.hold_prev, prog.hold_cur)
+
+    @staticmethod
+    def _roll_hold(prog: PartitionProgress) -> None:
+        passed = prog.max_ts - prog.hold_since
+        if passed >= 2 * FORWARD_MEMORY_S:
+            prog.hold_prev, prog.hold_cur, prog.hold_since = 0.0, 0.0, prog.max_ts
+        elif passed >= FORWARD_MEMORY_S:
+            prog.hold_prev, prog.hold_cur = prog.hold_cur, 0.0
+            prog.hold_since += FORWARD_MEMORY_S
+
     # -- input -----------------------------------------------------------------------
+    def note_forward(self, partition: Hashable, newest_ts: float,
+                     now: float = math.inf) -> None:
+        """A forwarded batch whose newest event is ``newest_ts`` is about to be added:
+        measure how far behind the partition's own events it arrived, and hold the
+        partition's windows long enough for the next forward (module doc). Event time
+        only, so a replay of the same messages holds the same windows; ``now`` caps the
+        partition's event time as in the watermark (a producer ahead is no delay)."""
+        prog = self._part(partition).progress
+        lag = min(prog.max_ts, now) - newest_ts
+        if not lag > 0 or lag == math.inf:
+            return
+        if prog.hold_since == -math.inf:
+            prog.hold_since = prog.max_ts
+        self._roll_hold(prog)
+        prog.hold_cur = max(prog.hold_cur, min(2.0 * lag, MAX_FORWARD_HOLD_S))
+
     def add_batch(self, partition: Hashable, records: Sequence[Any], now: float) -> BatchResult:
         """Add validated records (requests, error events, window summaries) in order."""
         self._max_k = None
@@ -359,13 +422,15 @@ class WindowAggregator:
 
     # -- output ----------------------------------------------------------------------
     def watermark(self, partition: Hashable, now: float = math.inf) -> float:
-        return min(self._part(partition).progress.max_ts, now) - self.grace_s
+        hold = self.hold(partition)
+        return min(self._part(partition).progress.max_ts, now) - self.grace_s - hold
 
     def close_ready(self, partition: Hashable, now: float = math.inf) -> list[dict[str, Any]]:
         """Close every window that ended at or before the watermark
-        (``min(max_ts, now) - grace_s``); summaries in (window_start, series) order."""
+        (``min(max_ts, now) - grace_s``, less the forward hold); summaries in
+        (window_start, series) order."""
         part = self._part(partition)
-        wm = min(part.progress.max_ts, now) - self.grace_s
+        wm = self.watermark(partition, now)
         if wm == -math.inf:
             return []
         return self._close_through(part, math.floor(wm / self.window_s) - 1)
@@ -376,7 +441,7 @@ class WindowAggregator:
         part = self._part(partition)
         if not part.open:
             return []
-        through = math.floor((now - self.grace_s) / self.window_s) - 1
+        through = math.floor((now - self.grace_s - self.hold(partition)) / self.window_s) - 1
         return self._close_through(part, through)
 
     def close_all(self, partition: Hashable) -> list[dict[str, Any]]:

@@ -160,6 +160,52 @@ def test_restore_progress_skips_emitted_windows() -> None:
     assert [w["count"] for w in fresh.close_all(0)] == [1]
 
 
+def test_forward_delay_holds_the_partition_so_the_next_forward_is_on_time() -> None:
+    """A forward (an unkeyed producer's events, one more hop) that arrived 0.8 s behind
+    the partition's own events makes the partition hold its windows back by 1.6 s; the
+    next forward, as slow, is counted instead of dead-lettered as late."""
+    from models.aggregation import FORWARD_MEMORY_S
+
+    agg = WindowAggregator(window_s=1.0, grace_s=0.5)
+    agg.add_batch(0, [req(T0 + 0.1), req(T0 + 1.6)], NOW)
+    assert [w["window_start"] for w in agg.close_ready(0, NOW)] == [T0]
+    agg.note_forward(0, T0 + 0.8, NOW)  # the first slow forward: too late for window T0
+    assert [r.reason for r in agg.add_batch(0, [req(T0 + 0.8)], NOW).rejects] == [LATE]
+    assert agg.hold(0) == pytest.approx(1.6)
+    agg.add_batch(0, [req(T0 + 2.7)], NOW)  # without the hold, window T0+1 would close
+    assert agg.close_ready(0, NOW) == []
+    agg.note_forward(0, T0 + 1.9, NOW)  # 0.8 s behind again: in time now
+    assert agg.add_batch(0, [req(T0 + 1.9)], NOW).rejects == []
+    agg.add_batch(0, [req(T0 + 4.2)], NOW)
+    closed = agg.close_ready(0, NOW)
+    assert [(w["window_start"], w["count"]) for w in closed] == [(T0 + 1, 2)]
+    # the stored progress carries the hold: a restarted worker closes the same windows
+    stored = PartitionProgress.from_dict(orjson.loads(orjson.dumps(agg.progress(0).to_dict())))
+    fresh = WindowAggregator(window_s=1.0, grace_s=0.5)
+    fresh.restore(0, stored)
+    assert fresh.hold(0) == pytest.approx(1.6)
+    # a partition with no forwards for two memory spans holds nothing any more
+    agg.add_batch(0, [req(T0 + 5 + 2 * FORWARD_MEMORY_S)], NOW + 200)
+    assert agg.hold(0) == 0.0
+
+
+def test_forward_hold_is_bounded_and_ignores_a_producer_ahead() -> None:
+    from models.aggregation import MAX_FORWARD_HOLD_S
+
+    agg = WindowAggregator(window_s=1.0, grace_s=0.5)
+    agg.add_batch(0, [req(NOW - 1)], NOW)
+    agg.note_forward(0, NOW - 100, NOW)  # a forward path that is broken, not slow
+    assert agg.hold(0) == MAX_FORWARD_HOLD_S
+    other = WindowAggregator(window_s=1.0, grace_s=0.5)
+    other.add_batch(0, [req(NOW + 120)], NOW)  # one producer's clock 120 s ahead
+    other.note_forward(0, NOW - 0.1, NOW)  # the forward is only 0.1 s behind the clock
+    assert other.hold(0) == pytest.approx(0.2)
+    none = WindowAggregator(window_s=1.0, grace_s=0.5)
+    none.note_forward(0, NOW, NOW)  # nothing of its own yet: no delay to measure
+    assert none.hold(0) == 0.0 and none.progress(0).to_dict() == {"closed_k": None,
+                                                                  "max_ts": None}
+
+
 # -- the agent's offset discipline (duplicates, lost messages), with a fake Faust ------
 def _fake_agent() -> tuple[object, list[dict], list[int], list[int]]:
     import asyncio
@@ -334,3 +380,23 @@ def test_event_time_never_runs_ahead_of_the_robust_clock() -> None:
     replay = WindowAggregator(1.0, 0.5, 300.0)
     replay.add_batch(0, [req(T0 + 10.0), req(T0 + 250.0)], T0 + 300)
     assert [w["window_start"] for w in replay.close_ready(0)] == [T0 + 10.0]
+
+
+def test_forwards_seen_takes_reordered_originals_and_drops_copies() -> None:
+    """Forwards of one source overtaking one another are all aggregated (a high mark
+    dropped the overtaken one: 5 events lost in a CI run); a source replayed after a
+    crash sends copies, dropped; our own replay re-reads the first copies, aggregated."""
+    from agents.aggregation import FORWARDS_REMEMBERED, ForwardsSeen
+
+    seen = ForwardsSeen()
+    assert not seen.duplicate(13, 25)
+    assert not seen.duplicate(12, 26)  # overtaken by 13: an original, not a copy
+    assert seen.duplicate(12, 40) and seen.duplicate(13, 41)  # the source's replay
+    assert not seen.duplicate(12, 26)  # our replay reads the first copy again
+    stored = ForwardsSeen.from_json(orjson.loads(orjson.dumps(seen.to_json())))
+    assert stored.duplicate(13, 42) and not stored.duplicate(14, 43)
+    for i in range(100, 100 + 2 * FORWARDS_REMEMBERED):
+        assert not stored.duplicate(i, i + 1000)
+    assert len(stored.seen) == FORWARDS_REMEMBERED
+    assert stored.duplicate(14, 5000)  # below what is remembered: seen long ago
+    assert ForwardsSeen.from_json([12, 26]).duplicate(11, 30)  # the former stored form
